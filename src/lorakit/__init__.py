@@ -1,0 +1,21 @@
+"""lorakit: LoRA for PyTorch. Inject, train, save/load (PEFT format), swap, merge, batch adapters."""
+
+from .adapters import active_adapters, delete_adapter, disable_adapters, get_config, list_adapters, set_adapter
+from .batch import per_row
+from .config import LoraConfig
+from .errors import AdapterFileError, LoraError, TargetError
+from .inject import ParamSummary, adapter_parameters, find_targets, inject, param_summary, unload
+from .io import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from .kinds import Kind, register
+from .layer import LoraLayer, ModulesToSave
+from .merge import MergeReport, merge, merged, merged_state_dict, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFileError", "Kind", "LoraConfig", "LoraError", "LoraLayer", "MergeReport", "ModulesToSave",
+    "ParamSummary", "TargetError", "active_adapters", "adapter_parameters", "adapter_state_dict",
+    "delete_adapter", "disable_adapters", "find_targets", "get_config", "inject", "list_adapters",
+    "load_adapter", "merge", "merged", "merged_state_dict", "param_summary", "per_row", "read_adapter",
+    "register", "save_adapter", "set_adapter", "unload", "unmerge", "__version__",
+]

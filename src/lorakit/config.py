@@ -1,0 +1,257 @@
+"""LoraConfig: one validated description of an adapter, and its PEFT `adapter_config.json` form."""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from .errors import LoraError
+
+ALL_LINEAR = "all-linear"
+BIAS_MODES = ("none", "all", "lora_only")
+INIT_METHODS = (True, False, "default", "gaussian")
+
+# our field name -> PEFT's adapter_config.json name
+PEFT_NAMES = {
+    "r": "r",
+    "alpha": "lora_alpha",
+    "dropout": "lora_dropout",
+    "targets": "target_modules",
+    "exclude": "exclude_modules",
+    "rslora": "use_rslora",
+    "modules_to_save": "modules_to_save",
+    "bias": "bias",
+    "fan_in_fan_out": "fan_in_fan_out",
+    "init": "init_lora_weights",
+    "rank_pattern": "rank_pattern",
+    "alpha_pattern": "alpha_pattern",
+    "layers_to_transform": "layers_to_transform",
+    "layers_pattern": "layers_pattern",
+    "task_type": "task_type",
+    "base_model_name_or_path": "base_model_name_or_path",
+    "inference_mode": "inference_mode",
+}
+# PEFT fields that carry no meaning for the LoRA math here: read silently.
+PEFT_HARMLESS = {
+    "peft_type", "peft_version", "auto_mapping", "revision", "megatron_core", "qalora_group_size",
+    "ensure_weight_tying",
+}
+# PEFT features lorakit does not implement: fine at their default, refused otherwise (a silent
+# ignore would give wrong outputs).
+PEFT_FEATURE_DEFAULTS: dict[str, Any] = {
+    "use_dora": False, "megatron_config": None, "loftq_config": {}, "eva_config": None,
+    "corda_config": None, "lora_ga_config": None, "velora_config": None,
+    "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
+    "layer_replication": None, "lora_bias": False, "target_parameters": None,
+    "trainable_token_indices": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
+}
+
+
+def _fail(field_name: str, value: Any, why: str) -> None:
+    raise LoraError(f"LoraConfig.{field_name}={value!r}: {why}")
+
+
+def _check_patterns(name: str, value: Any, allow_all_linear: bool) -> Any:
+    """Targets/exclude: a regex string (full match), a list of names (exact or dotted suffix)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if allow_all_linear and value == ALL_LINEAR:
+            return value
+        if not value:
+            _fail(name, value, "empty pattern")
+        try:
+            re.compile(value)
+        except re.error as e:
+            _fail(name, value, f"not a valid regular expression ({e})")
+        return value
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+        if not items:
+            _fail(name, value, "empty list: name at least one module")
+        for item in items:
+            if not isinstance(item, str) or not item:
+                _fail(name, value, f"every entry must be a non-empty string, got {item!r}")
+        return items
+    _fail(name, value, "expected a list of module names, a regex string or 'all-linear'")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+@dataclass
+class LoraConfig:
+    """What to adapt and how. Field names are lorakit's; `to_peft()`/`from_peft()` use PEFT's.
+
+    targets: list of module names (exact dotted path, or a suffix after a dot, as PEFT matches),
+    a regex string (full match on the dotted path), "all-linear" (every linear-like layer but the
+    output head), or None (a per-architecture default for known transformers models).
+    """
+
+    r: int = 8
+    alpha: float = 8
+    dropout: float = 0.0
+    targets: list[str] | str | None = None
+    exclude: list[str] | str | None = None
+    rslora: bool = False
+    modules_to_save: list[str] | None = None
+    bias: str = "none"
+    fan_in_fan_out: bool = False
+    init: bool | str = True
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            _fail("r", self.r, "must be a positive integer")
+        if not _is_number(self.alpha):
+            _fail("alpha", self.alpha, "must be a finite number")
+        if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            _fail("dropout", self.dropout, "must be a number in [0, 1)")
+        self.targets = _check_patterns("targets", self.targets, allow_all_linear=True)
+        self.exclude = _check_patterns("exclude", self.exclude, allow_all_linear=False)
+        for flag in ("rslora", "fan_in_fan_out", "inference_mode"):
+            if not isinstance(getattr(self, flag), bool):
+                _fail(flag, getattr(self, flag), "must be True or False")
+        if self.modules_to_save is not None:
+            if isinstance(self.modules_to_save, str) or not all(
+                isinstance(m, str) and m for m in self.modules_to_save
+            ):
+                _fail("modules_to_save", self.modules_to_save, "must be a list of module names")
+            self.modules_to_save = list(self.modules_to_save)
+        if self.bias not in BIAS_MODES:
+            _fail("bias", self.bias, f"must be one of {BIAS_MODES}")
+        if not (self.init is True or self.init is False or self.init in ("default", "gaussian")):
+            _fail("init", self.init, f"must be one of {INIT_METHODS}")
+        for key, val in dict(self.rank_pattern).items():
+            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+                _fail("rank_pattern", {key: val}, "ranks must be positive integers")
+        for key, val in dict(self.alpha_pattern).items():
+            if not _is_number(val):
+                _fail("alpha_pattern", {key: val}, "alphas must be finite numbers")
+        ltt = self.layers_to_transform
+        if ltt is not None and not (
+            (isinstance(ltt, int) and not isinstance(ltt, bool) and ltt >= 0)
+            or (isinstance(ltt, (list, tuple)) and all(isinstance(i, int) and i >= 0 for i in ltt))
+        ):
+            _fail("layers_to_transform", ltt, "must be a layer index or a list of layer indices")
+        if isinstance(ltt, tuple):
+            self.layers_to_transform = list(ltt)
+
+    # ---- per-layer values -------------------------------------------------------------------
+    def rank_for(self, path: str) -> int:
+        key = _pattern_key(self.rank_pattern, path)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, path: str) -> float:
+        key = _pattern_key(self.alpha_pattern, path)
+        return self.alpha_pattern[key] if key is not None else self.alpha
+
+    # ---- PEFT adapter_config.json -----------------------------------------------------------
+    def to_peft(self) -> dict[str, Any]:
+        """The dict PEFT writes as adapter_config.json (PEFT's field names, its defaults elsewhere)."""
+        out: dict[str, Any] = {"peft_type": "LORA"}
+        for ours, theirs in PEFT_NAMES.items():
+            out[theirs] = getattr(self, ours)
+        out.update({k: v for k, v in PEFT_FEATURE_DEFAULTS.items() if k in ("use_dora", "lora_bias")})
+        return out
+
+    @classmethod
+    def from_peft(cls, data: Any, source: str = "adapter_config.json") -> "LoraConfig":
+        """Read PEFT's dict. Unknown keys: a warning. Known PEFT features we lack: an error."""
+        if not isinstance(data, dict):
+            raise LoraError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        peft_type = data.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise LoraError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters only")
+        theirs_to_ours = {v: k for k, v in PEFT_NAMES.items()}
+        kwargs: dict[str, Any] = {}
+        unknown = []
+        for key, val in data.items():
+            if key in theirs_to_ours:
+                kwargs[theirs_to_ours[key]] = val
+            elif key in PEFT_FEATURE_DEFAULTS:
+                default = PEFT_FEATURE_DEFAULTS[key]
+                if val != default and not (default in (None, {}) and val in (None, {}, [])):
+                    raise LoraError(
+                        f"{source}: {key}={val!r} is a PEFT feature lorakit does not support"
+                    )
+            elif key not in PEFT_HARMLESS:
+                unknown.append(key)
+        if unknown:
+            warnings.warn(f"{source}: ignoring unknown config keys {sorted(unknown)}", stacklevel=3)
+        for opt in ("rank_pattern", "alpha_pattern"):
+            if kwargs.get(opt) is None:
+                kwargs.pop(opt, None)
+        try:
+            return cls(**kwargs)
+        except LoraError as e:
+            raise LoraError(f"{source}: {e}") from None
+        except TypeError as e:  # pragma: no cover - defensive
+            raise LoraError(f"{source}: {e}") from None
+
+    def replace(self, **changes: Any) -> "LoraConfig":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return type(self)(**values)
+
+
+def _pattern_key(patterns: dict[str, Any], path: str) -> str | None:
+    """PEFT's rule: a pattern key matches if the path ends with it after a dot (regex allowed)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", path):
+            return key
+    return None
+
+
+def layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The transformer block index in a dotted path, as PEFT finds it for layers_to_transform."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        pats = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        m = None
+        for pat in pats:
+            m = re.match(rf"(?:^|.*?\.){pat}\.(?P<idx>\d+)\.", path)
+            if m:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def matches(config: LoraConfig, path: str) -> bool:
+    """Whether the module at dotted `path` is a target (PEFT's check_target_module_exists)."""
+    if _match_list_or_regex(config.exclude, path):
+        return False
+    if config.modules_to_save and any(
+        re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in config.modules_to_save
+    ):
+        return False
+    t = config.targets
+    if isinstance(t, str):
+        return t != ALL_LINEAR and re.fullmatch(t, path) is not None
+    if t is None or not _match_list_or_regex(t, path):
+        return False
+    ltt = config.layers_to_transform
+    if ltt is None or (isinstance(ltt, list) and not ltt):
+        return True
+    idx = layer_index(path, config.layers_pattern)
+    if idx is None:
+        return False
+    return idx == ltt if isinstance(ltt, int) else idx in ltt
+
+
+def _match_list_or_regex(patterns: list[str] | str | None, path: str) -> bool:
+    if not patterns:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, path) is not None
+    return path in patterns or any(path.endswith("." + p) for p in patterns)

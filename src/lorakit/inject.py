@@ -1,0 +1,265 @@
+"""Find target modules, wrap them with LoRA, freeze the base; and take the wrappers out again."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from . import kinds
+from .config import ALL_LINEAR, LoraConfig, matches
+from .errors import LoraError, TargetError
+from .layer import LoraLayer, LoraState, ModulesToSave, lora_layers, require_state, saved_modules, state_of
+
+# transformers model_type -> default targets when LoraConfig.targets is None (as PEFT's table).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **{t: ["q_proj", "v_proj"] for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3",
+        "opt", "gptj", "phi", "olmo", "olmo2", "smollm3", "granite", "stablelm", "cohere")},
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "deberta-v2": ["query_proj", "value_proj"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt_neox": ["query_key_value"], "falcon": ["query_key_value"], "bloom": ["query_key_value"],
+    "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"],
+}
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+def check_adapter_name(name: str) -> str:
+    if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
+        raise LoraError(f"adapter name {name!r}: use letters, digits, '_' and '-' only")
+    if hasattr(nn.ParameterDict(), name) or hasattr(nn.ModuleDict(), name):
+        raise LoraError(f"adapter name {name!r} is reserved (an attribute of torch's containers); pick another")
+    return name
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """Fill in per-architecture default targets when config.targets is None."""
+    if config.targets is not None:
+        return config
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type in DEFAULT_TARGETS:
+        return config.replace(targets=list(DEFAULT_TARGETS[model_type]))
+    raise TargetError(
+        f"LoraConfig.targets is None and there is no default for model type {model_type!r}: "
+        "pass targets=[...] (module names), a regex, or 'all-linear'"
+    )
+
+
+def _candidates(model: nn.Module):
+    """(path, base module) for every module a LoRA layer could sit on, skipping wrapper internals."""
+    skip: list[str] = []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(s) for s in skip):
+            continue
+        if isinstance(module, LoraLayer):
+            skip.append(path + ".")
+            yield path, module.base_layer
+        elif isinstance(module, ModulesToSave):
+            skip.append(path + ".")
+        else:
+            yield path, module
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    try:
+        return get() if callable(get) else None
+    except Exception:  # some models raise instead of returning None
+        return None
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Dotted paths of the modules `config` targets in `model` (pure: changes nothing)."""
+    config = resolve_targets(model, config)
+    found = []
+    if config.targets == ALL_LINEAR:
+        head = _output_head(model)
+        lin = config.replace(targets=r".*")
+        for path, module in _candidates(model):
+            kind = kinds.kind_of(module)
+            if kind and kind.linear_like and module is not head and matches(lin, path):
+                found.append(path)
+        return found
+    for path, module in _candidates(model):
+        if not matches(config, path):
+            continue
+        kind = kinds.kind_of(module)
+        if kind is None:
+            if isinstance(config.targets, str) or list(module.children()):
+                continue  # a regex or suffix that also hits containers: only wrap leaves we know
+            raise TargetError(
+                f"module {path!r} of type {type(module).__name__} matches targets but lorakit "
+                f"cannot wrap it; supported types: {kinds.supported_names()}"
+            )
+        reason = kind.check(module) if kind.check else None
+        if reason:
+            raise TargetError(f"module {path!r}: {reason}")
+        found.append(path)
+    return found
+
+
+def _no_match_error(model: nn.Module, config: LoraConfig) -> TargetError:
+    names = [p for p, m in _candidates(model) if kinds.kind_of(m) is not None]
+    tails = list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in names))
+    return TargetError(
+        f"targets {config.targets!r} match no module of {type(model).__name__}; "
+        f"wrappable modules include {tails[:12]} (e.g. {names[:3]})"
+    )
+
+
+def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def _wrap(model: nn.Module, path: str, state: LoraState) -> LoraLayer:
+    module = model.get_submodule(path)
+    if isinstance(module, LoraLayer):
+        return module
+    kind = kinds.kind_of(module)
+    if kind is None:
+        raise TargetError(f"module {path!r} of type {type(module).__name__} cannot be wrapped")
+    layer = LoraLayer(module, kind, state)
+    _replace(model, path, layer)
+    return layer
+
+
+def _save_module(model: nn.Module, path: str, state: LoraState) -> ModulesToSave:
+    module = model.get_submodule(path)
+    if not isinstance(module, ModulesToSave):
+        module = ModulesToSave(module, state)
+        _replace(model, path, module)
+    return module
+
+
+def modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    out = []
+    for path, module in model.named_modules():
+        if any(path == m or path.endswith("." + m) for m in config.modules_to_save):
+            if isinstance(module, ModulesToSave) or not any(path.startswith(o + ".") for o in out):
+                out.append(path)
+    out = [p for p in out if not re.search(r"\.(original_module|modules_to_save)(\.|$)", p)]
+    return out
+
+
+def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn.Module:
+    """Add adapter `adapter` to the layers `config` targets, activate it and make it (alone) trainable.
+
+    Base parameters are frozen; modules_to_save get a trainable copy per adapter (the original
+    stays). The model is changed in place and returned.
+    """
+    if not isinstance(config, LoraConfig):
+        raise LoraError(f"inject() needs a LoraConfig, got {type(config).__name__}")
+    check_adapter_name(adapter)
+    state = state_of(model, create=True)
+    if adapter in state.configs:
+        raise LoraError(f"adapter {adapter!r} already exists; delete_adapter() it or pick another name")
+    config = resolve_targets(model, config)
+    paths = find_targets(model, config)
+    if not paths:
+        raise _no_match_error(model, config)
+    save_paths = modules_to_save_paths(model, config)
+    if config.modules_to_save and not save_paths:
+        raise TargetError(f"modules_to_save {config.modules_to_save!r} match no module")
+    fan_in_fan_out = False
+    for path in paths:
+        layer = _wrap(model, path, state)
+        fan_in_fan_out |= layer.kind.fan_in_fan_out
+        layer.add(adapter, config.rank_for(path), config.alpha_for(path), rslora=config.rslora,
+                  dropout=config.dropout, init=config.init)
+    for path in save_paths:
+        _save_module(model, path, state).add(adapter)
+    if config.targets == ALL_LINEAR:  # record what was matched, so PEFT finds the same layers
+        config = config.replace(targets=paths)
+    state.configs[adapter] = config.replace(fan_in_fan_out=fan_in_fan_out)
+    state.active = (adapter,)
+    mark_trainable(model, adapter)
+    return model
+
+
+def mark_trainable(model: nn.Module, adapter: str | None) -> None:
+    """Freeze everything, then let `adapter`'s parameters (all adapters' if None) train."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in adapter_parameters(model, adapter):
+        p.requires_grad_(True)
+
+
+def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.Parameter]:
+    """The parameters that train for `adapter` (every adapter if None): A, B, modules_to_save
+    copies, and biases when the adapter's config says bias='all' or 'lora_only'."""
+    state = require_state(model)
+    names = list(state.configs) if adapter is None else [adapter]
+    for n in names:
+        if n not in state.configs:
+            raise LoraError(f"no adapter named {n!r}; adapters: {list(state.configs)}")
+    params: dict[int, nn.Parameter] = {}
+    for _, layer in lora_layers(model):
+        for n in names:
+            if n in layer.lora_A:
+                params[id(layer.lora_A[n])] = layer.lora_A[n]
+                params[id(layer.lora_B[n])] = layer.lora_B[n]
+                if state.configs[n].bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
+                    params[id(layer.base_layer.bias)] = layer.base_layer.bias
+    for _, mod in saved_modules(model):
+        for n in names:
+            if n in mod.modules_to_save:
+                params.update({id(p): p for p in mod.modules_to_save[n].parameters()})
+    if any(state.configs[n].bias == "all" for n in names):
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") and ".original_module." not in pname:
+                params[id(p)] = p
+    return list(params.values())
+
+
+@dataclass(frozen=True)
+class ParamSummary:
+    trainable: int
+    total: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total if self.total else 0.0
+
+    def __str__(self) -> str:
+        return f"trainable {100 * self.fraction:.2f}% ({self.trainable:,} of {self.total:,})"
+
+
+def param_summary(model: nn.Module) -> ParamSummary:
+    """Trainable vs all parameters (shared parameters counted once)."""
+    seen: dict[int, nn.Parameter] = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return ParamSummary(trainable, total)
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Take every LoRA wrapper out, leaving the model with the state-dict keys it had before.
+
+    merge=False: the base model as it was (merged adapters are unmerged first).
+    merge=True: the active adapters merged into the weights, and their modules_to_save copies
+    in place of the originals: a plain model that behaves like the adapted one.
+    """
+    from .merge import merge as merge_fn, unmerge
+
+    state = state_of(model)
+    if state is None:
+        return model
+    if merge:
+        merge_fn(model)
+    else:
+        unmerge(model)
+    for path, layer in lora_layers(model):
+        _replace(model, path, layer.base_layer)
+    for path, mod in saved_modules(model):
+        _replace(model, path, mod.current() if merge else mod.original_module)
+    model.__dict__.pop("_lorakit_state", None)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

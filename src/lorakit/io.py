@@ -1,0 +1,340 @@
+"""Adapters on disk in PEFT's format, both ways.
+
+A folder holds `adapter_config.json` (PEFT's field names) and `adapter_model.safetensors` with
+keys `base_model.model.<module path>.lora_A.weight` / `.lora_B.weight` (embeddings:
+`.lora_embedding_A` / `.lora_embedding_B`; modules_to_save: `base_model.model.<path>.<param>`).
+Adapters are untrusted files: only JSON and safetensors are read, never pickle. Loading checks
+everything before it changes the model (all or nothing); saving writes a temporary folder and
+renames it into place (atomic).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import uuid
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from . import kinds
+from .config import LoraConfig
+from .errors import AdapterFileError, LoraError
+from .inject import (_save_module, _wrap, check_adapter_name, find_targets,
+                     modules_to_save_paths)
+from .layer import LoraLayer, ModulesToSave, lora_layers, require_state, saved_modules, state_of
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---- save -------------------------------------------------------------------------------------
+def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, Tensor]:
+    """The adapter's tensors under PEFT's keys (what `adapter_model.safetensors` holds)."""
+    state = require_state(model)
+    if adapter not in state.configs:
+        raise LoraError(f"no adapter named {adapter!r}; adapters: {list(state.configs)}")
+    config = state.configs[adapter]
+    out: dict[str, Tensor] = {}
+    for path, layer in lora_layers(model):
+        if adapter not in layer.lora_A:
+            continue
+        r, base, (ka, kb) = layer.rank(adapter), layer.base_layer, layer.kind.keys
+        out[f"{PREFIX}{path}.{ka}"] = layer.lora_A[adapter].detach().reshape(layer.kind.a_shape(base, r))
+        out[f"{PREFIX}{path}.{kb}"] = layer.lora_B[adapter].detach().reshape(layer.kind.b_shape(base, r))
+        if config.bias == "lora_only" and getattr(base, "bias", None) is not None:
+            out[f"{PREFIX}{path}.base_layer.bias"] = base.bias.detach()
+    for path, mod in saved_modules(model):
+        if adapter in mod.modules_to_save:
+            for k, v in mod.modules_to_save[adapter].state_dict().items():
+                out[f"{PREFIX}{path}.{k}"] = v.detach()
+    if config.bias == "all":
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and not re.search(r"\.(original_module|modules_to_save)\.", name):
+                out[f"{PREFIX}{name}"] = p.detach()
+    return {k: v.cpu().contiguous() for k, v in out.items()}
+
+
+def _base_name(model: nn.Module) -> str | None:
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
+
+
+def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default", *,
+                 base_model_name_or_path: str | None = None) -> Path:
+    """Write `adapter` as a PEFT adapter folder at `path`, atomically; returns the folder."""
+    state = require_state(model)
+    tensors = adapter_state_dict(model, adapter)
+    config = state.configs[adapter]
+    meta = config.to_peft()
+    meta["base_model_name_or_path"] = base_model_name_or_path or config.base_model_name_or_path or _base_name(model)
+    dest = Path(path)
+    write_dir_atomic(dest, {
+        WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
+        CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True, default=list)),
+    })
+    return dest
+
+
+def write_dir_atomic(dest: Path, writers: dict[str, Any]) -> None:
+    """Build the folder beside `dest` and swap it in, so readers see the old or the new, never half.
+
+    Files already in `dest` that are not rewritten (a README, metrics) are carried over.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        if dest.is_dir():
+            for item in dest.iterdir():
+                if item.name not in writers and item.is_file():
+                    shutil.copy2(item, tmp / item.name)
+        for name, write in writers.items():
+            write(tmp / name)
+            with open(tmp / name, "rb") as f:
+                os.fsync(f.fileno())
+        old = None
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ---- load -------------------------------------------------------------------------------------
+def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Tensor]]:
+    """Read and check an adapter folder's two files. Never unpickles anything."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise AdapterFileError(f"{folder}: no such adapter folder")
+    cfg_file, weights = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+    if not weights.is_file():
+        if (folder / PICKLE_NAME).is_file():
+            raise AdapterFileError(
+                f"{folder}: only {PICKLE_NAME} (a pickle file) is there, and lorakit never loads "
+                "pickle: it can run arbitrary code. Convert it once, where you trust the file: "
+                f"python -c \"import torch; from safetensors.torch import save_file; "
+                f"save_file(torch.load('{PICKLE_NAME}', weights_only=True), '{WEIGHTS_NAME}')\""
+            )
+        raise AdapterFileError(f"{folder}: {WEIGHTS_NAME} is missing")
+    if not cfg_file.is_file():
+        raise AdapterFileError(f"{folder}: {CONFIG_NAME} is missing")
+    try:
+        data = json.loads(cfg_file.read_bytes())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{cfg_file}: not valid JSON ({e})") from None
+    config = LoraConfig.from_peft(data, source=str(cfg_file))
+    tensors: dict[str, Tensor] = {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    except Exception as e:  # safetensors raises its own error types for every kind of corruption
+        raise AdapterFileError(f"{weights}: not a readable safetensors file ({e})") from None
+    if not tensors:
+        raise AdapterFileError(f"{weights}: holds no tensors")
+    for key, t in tensors.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise AdapterFileError(f"{weights}: tensor {key!r} has dtype {t.dtype}; expected a float type")
+        if not torch.isfinite(t).all():
+            raise AdapterFileError(f"{weights}: tensor {key!r} holds NaN or inf values")
+    return config, tensors
+
+
+@dataclass
+class _Plan:
+    """Everything load_adapter will do, worked out before it touches the model."""
+
+    lora: dict[str, tuple[Tensor, Tensor]]  # module path -> (A as r x in, B as out x r)
+    saved: dict[str, dict[str, Tensor]]  # modules_to_save path -> its state dict
+    biases: dict[str, Tensor]  # parameter name in the wrapped model -> value
+
+
+_LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<which>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
+
+
+def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], source: str) -> _Plan:
+    pairs: dict[str, dict[str, tuple[str, Tensor]]] = {}
+    saved_paths = modules_to_save_paths(model, config)
+    saved: dict[str, dict[str, Tensor]] = {p: {} for p in saved_paths}
+    biases: dict[str, Tensor] = {}
+    modules = dict(model.named_modules())
+    for key, t in tensors.items():
+        if not key.startswith(PREFIX):
+            raise AdapterFileError(f"{source}: key {key!r} does not start with {PREFIX!r} (not a PEFT LoRA file)")
+        name = key[len(PREFIX):]
+        m = _LORA_KEY.match(name)
+        if m:
+            which = "A" if m["which"].startswith("lora_A") or m["which"] == "lora_embedding_A" else "B"
+            pairs.setdefault(m["path"], {})[which] = (key, t)
+            continue
+        owner = next((p for p in saved_paths if name.startswith(p + ".")), None)
+        if owner is not None:
+            saved[owner][name[len(owner) + 1:]] = t
+            continue
+        if config.bias != "none" and name.endswith("bias"):
+            biases[name] = t
+            continue
+        if "lora_magnitude_vector" in name:
+            raise AdapterFileError(f"{source}: key {key!r} is a DoRA magnitude, which lorakit does not read")
+        raise AdapterFileError(f"{source}: unexpected key {key!r} for a LoRA adapter of {type(model).__name__}")
+
+    lora: dict[str, tuple[Tensor, Tensor]] = {}
+    for path, pair in pairs.items():
+        for need in ("A", "B"):
+            if need not in pair:
+                have = pair["B" if need == "A" else "A"][0]
+                raise AdapterFileError(f"{source}: has {have!r} but its lora_{need} partner is missing")
+        (ka, A), (kb, B) = pair["A"], pair["B"]
+        module = modules.get(path)
+        if module is None:
+            raise AdapterFileError(
+                f"{source}: key {ka!r} names module {path!r}, which this {type(model).__name__} does not have "
+                "(an adapter for another model?)"
+            )
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        kind = kinds.kind_of(base)
+        if kind is None:
+            raise AdapterFileError(f"{source}: module {path!r} is a {type(base).__name__}, which lorakit cannot wrap")
+        if not ka.endswith(kind.keys[0]) or not kb.endswith(kind.keys[1]):
+            raise AdapterFileError(f"{source}: key {ka!r} does not fit a {kind.name} layer (expects {kind.keys})")
+        r = A.shape[0] if A.dim() else 0
+        want_a, want_b = kind.a_shape(base, r), kind.b_shape(base, r)
+        if r == 0 or tuple(A.shape) != tuple(want_a):
+            raise AdapterFileError(f"{source}: {ka!r} has shape {tuple(A.shape)}, but {path} needs {tuple(want_a)}")
+        if tuple(B.shape) != tuple(want_b):
+            raise AdapterFileError(f"{source}: {kb!r} has shape {tuple(B.shape)}, but {path} needs {tuple(want_b)}")
+        if config.rank_for(path) != r:
+            raise AdapterFileError(
+                f"{source}: {ka!r} has rank {r} but the config says r={config.rank_for(path)} for {path}"
+            )
+        lora[path] = (A.reshape(r, -1), B.reshape(B.shape[0], r))
+
+    for path, sd in saved.items():
+        mod = modules[path]
+        original = mod.original_module if isinstance(mod, ModulesToSave) else mod
+        want = original.state_dict()
+        if not sd:
+            raise AdapterFileError(f"{source}: config lists {path!r} in modules_to_save but the file has no weights for it")
+        for k in want.keys() - sd.keys():
+            raise AdapterFileError(f"{source}: missing key {PREFIX}{path}.{k} for modules_to_save {path!r}")
+        for k in sd.keys() - want.keys():
+            raise AdapterFileError(f"{source}: unexpected key {PREFIX}{path}.{k} for modules_to_save {path!r}")
+        for k, t in sd.items():
+            if tuple(t.shape) != tuple(want[k].shape):
+                raise AdapterFileError(
+                    f"{source}: {PREFIX}{path}.{k} has shape {tuple(t.shape)}, but the model's is {tuple(want[k].shape)}"
+                )
+    params = dict(model.named_parameters())
+    for name, t in biases.items():
+        target = _bias_param(params, name)
+        if target is None:
+            raise AdapterFileError(f"{source}: bias key {PREFIX}{name} names no parameter of this model")
+        if tuple(target.shape) != tuple(t.shape):
+            raise AdapterFileError(f"{source}: {PREFIX}{name} has shape {tuple(t.shape)}, model's is {tuple(target.shape)}")
+    if not lora and not any(saved.values()):
+        raise AdapterFileError(f"{source}: holds no LoRA weights")
+    expected = set(find_targets(model, config)) if config.targets is not None else set(lora)
+    if config.targets is not None and not expected and lora:
+        raise AdapterFileError(
+            f"{source}: config target_modules {config.targets!r} match no module of {type(model).__name__}"
+        )
+    missing = sorted(expected - set(lora))
+    if missing:
+        warnings.warn(f"{source}: config targets {missing[:5]} but the file has no weights for them", stacklevel=3)
+    return _Plan(lora, {p: sd for p, sd in saved.items() if sd}, biases)
+
+
+def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default", *,
+                 trainable: bool = False, replace: bool = False, activate: bool | None = None) -> nn.Module:
+    """Load a PEFT-format adapter folder as adapter `adapter`, wrapping the layers it needs.
+
+    All or nothing: every key, shape and config field is checked before the model changes.
+    `activate`: make it the active adapter (default: only if no adapter is active yet).
+    `trainable`: let its parameters train (for resuming); the base is frozen either way.
+    `replace`: swap out an existing adapter of the same name, after the new one passed all checks.
+    """
+    check_adapter_name(adapter)
+    source = str(Path(path) / WEIGHTS_NAME)
+    config, tensors = read_adapter(path)
+    state = state_of(model)
+    if state is not None and adapter in state.configs and not replace:
+        raise LoraError(f"adapter {adapter!r} is already loaded; pass replace=True or another name")
+    plan = _plan(model, config, tensors, source)
+    if state is not None and adapter in state.configs:
+        from .adapters import delete_adapter
+
+        delete_adapter(model, adapter)
+    state = state_of(model, create=True)
+    try:
+        _apply(model, state, adapter, config, plan)
+    except Exception as e:
+        from .adapters import delete_adapter
+
+        if adapter in state.configs:
+            delete_adapter(model, adapter)
+        raise LoraError(f"{source}: loading failed ({e}); the model was left unchanged") from e
+    if activate or (activate is None and not state.active):
+        state.active = (adapter,)
+    trainable_ids = {id(p) for p in _own_parameters(model, adapter)} if trainable else set()
+    lora_ids = {id(p) for _, l in lora_layers(model) for d in (l.lora_A, l.lora_B) for p in d.values()}
+    for _, mod in saved_modules(model):
+        lora_ids |= {id(p) for c in mod.modules_to_save.values() for p in c.parameters()}
+    for p in model.parameters():
+        if id(p) not in lora_ids or id(p) in trainable_ids:
+            p.requires_grad_(id(p) in trainable_ids)
+    return model
+
+
+def _own_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
+    from .inject import adapter_parameters
+
+    return adapter_parameters(model, adapter)
+
+
+@torch.no_grad()
+def _apply(model: nn.Module, state, adapter: str, config: LoraConfig, plan: _Plan) -> None:
+    state.configs[adapter] = config
+    fan_in_fan_out = False
+    for path, (A, B) in plan.lora.items():
+        layer = _wrap(model, path, state)
+        fan_in_fan_out |= layer.kind.fan_in_fan_out
+        layer.add(adapter, A.shape[0], config.alpha_for(path), rslora=config.rslora, dropout=config.dropout)
+        layer.lora_A[adapter].copy_(A)
+        layer.lora_B[adapter].copy_(B)
+    for path, sd in plan.saved.items():
+        mod = _save_module(model, path, state)
+        mod.add(adapter)
+        target = mod.modules_to_save[adapter]
+        ref = target.state_dict()
+        target.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, strict=True)
+    params = dict(model.named_parameters())
+    for name, t in plan.biases.items():
+        p = _bias_param(params, name)
+        p.copy_(t.to(p.dtype))
+    if fan_in_fan_out != config.fan_in_fan_out:
+        state.configs[adapter] = config.replace(fan_in_fan_out=fan_in_fan_out)
+
+
+def _bias_param(params: dict[str, nn.Parameter], name: str) -> nn.Parameter | None:
+    """A bias by its PEFT key, whether or not its layer is wrapped (`.base_layer.`) here yet."""
+    for cand in (name, name.replace(".base_layer.bias", ".bias"), re.sub(r"\.bias$", ".base_layer.bias", name)):
+        if cand in params:
+            return params[cand]
+    return None

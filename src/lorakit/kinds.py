@@ -1,0 +1,138 @@
+"""The table of base-module kinds LoRA can wrap.
+
+Each kind says, for its module type, how the weight looks as an (out x in) matrix, how the input
+meets A, and how A and B are shaped in PEFT files. The LoRA math itself stays in `core`; adding a
+module type is one `register()` call, never a new branch in the layer code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class Kind:
+    """How LoRA meets one type of base module.
+
+    dims(m) -> (in, out): the sizes of the (out x in) matrix view of the weight.
+    matrix(m) -> Tensor: that view (shares storage with the weight, so merging writes through it).
+    project(m, x, A) -> h: the input meeting A (r x in), r channels at `channel_dim`.
+    a_shape / b_shape(m, r): the shapes of lora_A / lora_B in PEFT's safetensors files.
+    keys: the key suffixes of A and B in PEFT files.
+    write(m, matrix): store a new weight given as the matrix view (quantized kinds re-quantize).
+    """
+
+    name: str
+    dims: Callable[[nn.Module], tuple[int, int]]
+    matrix: Callable[[nn.Module], Tensor]
+    project: Callable[[nn.Module, Tensor, Tensor], Tensor]
+    a_shape: Callable[[nn.Module, int], tuple[int, ...]]
+    b_shape: Callable[[nn.Module, int], tuple[int, ...]]
+    keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
+    channel_dim: int = -1
+    linear_like: bool = True  # counted by targets="all-linear"
+    uses_dropout: bool = True
+    fan_in_fan_out: bool = False
+    check: Callable[[nn.Module], str | None] | None = None  # reason it can't be wrapped, or None
+    write: Callable[[nn.Module, Tensor], None] | None = None
+
+    def store(self, module: nn.Module, m: Tensor) -> None:
+        if self.write is not None:
+            self.write(module, m)
+        else:
+            self.matrix(module).copy_(m)
+
+
+def _linear_project(m: nn.Module, x: Tensor, A: Tensor) -> Tensor:
+    return F.linear(x, A)
+
+
+def _embedding_project(m: nn.Embedding, x: Tensor, A: Tensor) -> Tensor:
+    return F.embedding(x, A.T, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+
+
+def _conv_project(m: nn.Module, x: Tensor, A: Tensor) -> Tensor:
+    return m._conv_forward(x, A.view(A.shape[0], *m.weight.shape[1:]), None)
+
+
+def _conv_check(m: nn.Module) -> str | None:
+    return f"grouped convolution (groups={m.groups}) is not supported" if m.groups != 1 else None
+
+
+def _conv_b_shape(m: nn.Module, r: int) -> tuple[int, ...]:
+    return (m.weight.shape[0], r) + (1,) * (m.weight.dim() - 2)
+
+
+LINEAR = Kind(
+    name="linear",
+    dims=lambda m: (m.weight.shape[1], m.weight.shape[0]),
+    matrix=lambda m: m.weight,
+    project=_linear_project,
+    a_shape=lambda m, r: (r, m.weight.shape[1]),
+    b_shape=lambda m, r: (m.weight.shape[0], r),
+)
+# transformers' GPT-2 Conv1D stores its weight as (in x out): PEFT's fan_in_fan_out.
+CONV1D_HF = Kind(
+    name="hf_conv1d",
+    dims=lambda m: (m.weight.shape[0], m.weight.shape[1]),
+    matrix=lambda m: m.weight.T,
+    project=_linear_project,
+    a_shape=lambda m, r: (r, m.weight.shape[0]),
+    b_shape=lambda m, r: (m.weight.shape[1], r),
+    fan_in_fan_out=True,
+)
+EMBEDDING = Kind(
+    name="embedding",
+    dims=lambda m: (m.weight.shape[0], m.weight.shape[1]),
+    matrix=lambda m: m.weight.T,
+    project=_embedding_project,
+    a_shape=lambda m, r: (r, m.weight.shape[0]),
+    b_shape=lambda m, r: (m.weight.shape[1], r),
+    keys=("lora_embedding_A", "lora_embedding_B"),
+    linear_like=False,
+    uses_dropout=False,
+)
+CONV = Kind(
+    name="conv",
+    dims=lambda m: (math.prod(m.weight.shape[1:]), m.weight.shape[0]),
+    matrix=lambda m: m.weight.flatten(1),
+    project=_conv_project,
+    a_shape=lambda m, r: (r, *m.weight.shape[1:]),
+    b_shape=_conv_b_shape,
+    channel_dim=1,
+    linear_like=False,
+    check=_conv_check,
+)
+
+# Keys are classes or "module.QualName" strings, so optional libraries are never imported here.
+KINDS: dict[type | str, Kind] = {
+    nn.Linear: LINEAR,
+    "transformers.pytorch_utils.Conv1D": CONV1D_HF,
+    nn.Embedding: EMBEDDING,
+    nn.Conv1d: CONV,
+    nn.Conv2d: CONV,
+    nn.Conv3d: CONV,
+}
+
+
+def register(key: type | str, kind: Kind) -> None:
+    """Teach lorakit a new base-module type (e.g. a quantized linear)."""
+    KINDS[key] = kind
+
+
+def kind_of(module: nn.Module) -> Kind | None:
+    """The kind for this module's class, looking up its MRO so subclasses inherit their parent's."""
+    for cls in type(module).__mro__:
+        kind = KINDS.get(cls) or KINDS.get(f"{cls.__module__}.{cls.__qualname__}")
+        if kind is not None:
+            return kind
+    return None
+
+
+def supported_names() -> list[str]:
+    return sorted(k if isinstance(k, str) else f"{k.__module__}.{k.__qualname__}" for k in KINDS)

@@ -1,0 +1,219 @@
+"""LoraLayer wraps one base module and holds any number of named adapters beside it.
+
+Per-adapter state lives in containers keyed by adapter name (lora_A, lora_B, lora_dropout,
+scaling), so adding, switching or deleting an adapter never touches the base module. Which
+adapters apply is decided by one `LoraState` object shared by every wrapped layer of a model:
+switching adapters is a single assignment, whatever the number of layers or adapters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import core
+from .errors import LoraError
+from .kinds import Kind
+
+
+@dataclass
+class LoraState:
+    """Model-wide adapter state, shared by reference between all wrapped layers."""
+
+    configs: dict[str, Any] = field(default_factory=dict)  # adapter name -> LoraConfig
+    active: tuple[str, ...] = ()
+    disabled: bool = False
+    rows: list[str | None] | None = None  # per-row adapter names under per_row()
+    row_groups: dict[str, Tensor] | None = None  # adapter -> row indices, for per_row()
+
+
+class _Wrapper(nn.Module):
+    """Attribute fallback to the wrapped module, so code reading `layer.weight` keeps working."""
+
+    _inner = "base_layer"
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == self._inner or name.startswith("__"):
+                raise
+            return getattr(super().__getattr__(self._inner), name)
+
+
+class LoraLayer(_Wrapper):
+    """y = base(x) + sum over active adapters of s * B(A(dropout(x))).
+
+    A is stored as an (r x in) matrix and B as (out x r), whatever the base kind; `kind` says how
+    the input meets A (matmul, lookup, convolution) and how to view the weight as (out x in).
+    """
+
+    def __init__(self, base_layer: nn.Module, kind: Kind, state: LoraState):
+        super().__init__()
+        self.base_layer = base_layer
+        self.kind = kind
+        self.state = state
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.scaling: dict[str, float] = {}
+        self.merged: list[str] = []  # stack: merged adapters, oldest first
+        self.originals: dict[str, Tensor] = {}  # adapter -> weight before its merge (keep_original)
+        self.in_features, self.out_features = kind.dims(base_layer)
+
+    # ---- adapters ---------------------------------------------------------------------------
+    def add(self, name: str, r: int, alpha: float, *, rslora: bool = False, dropout: float = 0.0,
+            init: bool | str = True, dtype: torch.dtype | None = None) -> None:
+        weight = self.weight_tensor()
+        dtype = dtype or adapter_dtype(weight)
+        A = torch.empty(r, self.in_features, dtype=dtype, device=weight.device)
+        B = torch.empty(self.out_features, r, dtype=dtype, device=weight.device)
+        core.init_ab(A, B, init)
+        self.lora_A[name] = nn.Parameter(A)
+        self.lora_B[name] = nn.Parameter(B)
+        self.scaling[name] = core.scaling(alpha, r, rslora)
+        use = dropout > 0 and self.kind.uses_dropout
+        self.lora_dropout[name] = nn.Dropout(dropout) if use else nn.Identity()
+
+    def remove(self, name: str) -> None:
+        if name in self.merged:
+            raise LoraError(f"adapter {name!r} is merged into the weights: unmerge(model) first")
+        for container in (self.lora_A, self.lora_B, self.lora_dropout):
+            if name in container:
+                del container[name]
+        self.scaling.pop(name, None)
+
+    def rank(self, name: str) -> int:
+        return self.lora_A[name].shape[0]
+
+    def weight_tensor(self) -> Tensor:
+        w = getattr(self.base_layer, "weight", None)
+        if w is None:
+            raise LoraError(f"{type(self.base_layer).__name__} has no weight")
+        return w
+
+    # ---- forward ----------------------------------------------------------------------------
+    def lora_delta_out(self, x: Tensor, name: str) -> Tensor:
+        """s * B(A(dropout(x))) for one adapter: the adapter's contribution to the output."""
+        return core.lora_out(
+            self.lora_dropout[name](x),
+            self.lora_A[name],
+            self.lora_B[name],
+            self.scaling[name],
+            project=partial(self.kind.project, self.base_layer),
+            channel_dim=self.kind.channel_dim,
+        )
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        st = self.state
+        if st.disabled:
+            return y
+        if st.row_groups is not None:
+            return self._per_row(x, y, st)
+        for name in st.active:
+            if name in self.lora_A and name not in self.merged:
+                y = y + self.lora_delta_out(x, name).to(y.dtype)
+        return y
+
+    def _per_row(self, x: Tensor, y: Tensor, st: LoraState) -> Tensor:
+        """Reference mixed batch: row i gets st.rows[i]'s adapter (a loop over adapters)."""
+        if x.shape[0] != len(st.rows):
+            raise LoraError(
+                f"per_row was given {len(st.rows)} adapter names but the batch has {x.shape[0]} rows"
+            )
+        for name, idx in st.row_groups.items():
+            if name not in self.lora_A:
+                continue
+            idx = idx.to(x.device)
+            d = self.lora_delta_out(x.index_select(0, idx), name)
+            y = y.index_add(0, idx, d.to(y.dtype))
+        return y
+
+    def extra_repr(self) -> str:
+        ranks = {n: self.rank(n) for n in self.lora_A}
+        return f"kind={self.kind.name}, adapters={ranks}, merged={self.merged}"
+
+
+class ModulesToSave(_Wrapper):
+    """A fully trainable copy of a module per adapter (e.g. a classifier head); original kept."""
+
+    _inner = "original_module"
+
+    def __init__(self, original_module: nn.Module, state: LoraState):
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.state = state
+
+    def add(self, name: str) -> None:
+        import copy
+
+        clone = copy.deepcopy(self.original_module)
+        for p in clone.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = clone
+
+    def current(self) -> nn.Module:
+        st = self.state
+        if not st.disabled:
+            for name in reversed(st.active):
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name]
+        return self.original_module
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        st = self.state
+        if st.row_groups is None or st.disabled:
+            return self.current()(x, *args, **kwargs)
+        y = self.original_module(x, *args, **kwargs)
+        for name, idx in st.row_groups.items():
+            if name in self.modules_to_save:
+                idx = idx.to(x.device)
+                rows = self.modules_to_save[name](x.index_select(0, idx), *args, **kwargs)
+                y = y.index_copy(0, idx, rows.to(y.dtype))
+        return y
+
+
+def adapter_dtype(weight: Tensor) -> torch.dtype:
+    """Adapters train in float32 on low-precision or quantized bases, else in the base's dtype."""
+    if weight.dtype in (torch.float32, torch.float64):
+        return weight.dtype
+    return torch.float32
+
+
+STATE_ATTR = "_lorakit_state"
+
+
+def state_of(model: nn.Module, create: bool = False) -> LoraState | None:
+    """The model's shared adapter state (found on any wrapped layer, cached on the model)."""
+    st = model.__dict__.get(STATE_ATTR)
+    if st is None:
+        for m in model.modules():
+            if isinstance(m, (LoraLayer, ModulesToSave)):
+                st = m.state
+                break
+    if st is None and create:
+        st = LoraState()
+    if st is not None:
+        model.__dict__[STATE_ATTR] = st
+    return st
+
+
+def require_state(model: nn.Module) -> LoraState:
+    st = state_of(model)
+    if st is None or not st.configs:
+        raise LoraError("this model has no LoRA adapters: call inject() or load_adapter() first")
+    return st
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
