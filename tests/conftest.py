@@ -1,45 +1,15 @@
-"""Shared test set-up: one CPU thread (fast and stable on 2-core machines), small real models."""
+"""Shared test set-up: one CPU thread (fast and stable on 2-core machines)."""
 
 import os
+import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(__file__))
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-def tiny_llama(seed: int = 0, **kw):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    cfg.update(kw)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
-
-
-def tiny_gpt2(seed: int = 0, **kw):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=128, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    cfg.update(kw)
-    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
-
-
-def tiny_bert(seed: int = 0, num_labels: int = 3, **kw):
-    from transformers import BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(seed)
-    cfg = dict(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-               num_attention_heads=4, max_position_embeddings=64, num_labels=num_labels)
-    cfg.update(kw)
-    return BertForSequenceClassification(BertConfig(**cfg)).eval()
-
-
-MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
 
 @pytest.fixture
