@@ -1,24 +1,175 @@
-"""Many adapters in one batch: row i of the batch uses adapter names[i] (None: the base)."""
+"""Many adapters in one batch: row i of the batch uses adapter names[i] (None: the base).
+
+The base layers run once for the whole batch; the low-rank part of every wrapped layer is one
+grouped matmul over the batch's adapters (`ops.lora_rows` / `ops.embedding_rows`), never a Python
+loop over rows. Adapter weights come from stacked slots: at inference from an `AdapterBank` kept
+beside the model (refreshed when an adapter's tensors change), under autograd from the adapters'
+own parameters, stacked on the fly so gradients reach them (a training batch may mix adapters).
+"""
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
+from . import kinds, ops
 from .adapters import _check_unmerged
 from .errors import LoraError
-from .layer import require_state
+from .layer import LoraLayer, LoraState, ModulesToSave, require_state, state_of
+
+FAST_KINDS = {kinds._linear_project: "linear", kinds._embedding_project: "embedding"}
+
+
+class RowGroups(dict):
+    """adapter -> row indices (what the reference loop reads), plus what the fast path needs.
+
+    `slot_of(layer)` gives the per-layer stacks; the plan (runs, sorted order) is built once.
+    """
+
+    def __init__(self, names: Sequence[str | None], *, bank: Any, keys: Sequence[str | None],
+                 trainable: bool, model_mode: bool):
+        groups: dict[str, list[int]] = {}
+        for i, n in enumerate(names):
+            if n is not None:
+                groups.setdefault(n, []).append(i)
+        super().__init__({n: torch.tensor(idx, dtype=torch.long) for n, idx in groups.items()})
+        self.names = list(names)
+        self.keys = list(keys)  # the bank's key for each row (None: base)
+        self.bank = bank
+        self.trainable = trainable  # some used adapter has parameters that require grad
+        self.model_mode = model_mode  # adapters live in the model's ParameterDicts (per_row)
+        self.used = list(groups)  # distinct adapters, first-seen order
+        local = {n: i for i, n in enumerate(self.used)}
+        self.local_plan = ops.plan_rows([local[n] if n is not None else -1 for n in names])
+        self._bank_plan: ops.RowPlan | None = None
+
+    def bank_plan(self) -> ops.RowPlan:
+        if self._bank_plan is None:
+            slots = self.bank.ensure([k for k in self.keys if k is not None])
+            self._bank_plan = ops.plan_rows([slots[k] if k is not None else -1 for k in self.keys])
+        return self._bank_plan
+
+    def saved_module(self, mod: ModulesToSave, name: str) -> nn.Module | None:
+        if self.model_mode:
+            return mod.modules_to_save[name] if name in mod.modules_to_save else None
+        return self.bank.saved_module(mod, name)
+
+
+def _fast_kind(layer: LoraLayer) -> str | None:
+    kind = FAST_KINDS.get(layer.kind.project)
+    if kind == "embedding" and layer.base_layer.max_norm is not None:
+        return None  # max_norm renormalises the looked-up table in place
+    return kind
+
+
+def _stack_params(layer: LoraLayer, used: list[str], kind: str) -> tuple[Tensor, Tensor]:
+    """Differentiable stacks of the layer's own adapters (zeros where one is absent here)."""
+    present = [n for n in used if n in layer.lora_A]
+    r = max(layer.lora_A[n].shape[0] for n in present)
+    ref = layer.lora_A[present[0]]
+    As, Bs = [], []
+    for n in used:
+        if n in layer.lora_A:
+            A, B = layer.lora_A[n], layer.lora_B[n] * layer.scaling[n]
+            pad = r - A.shape[0]
+            if pad:
+                A, B = F.pad(A, (0, 0, 0, pad)), F.pad(B, (0, pad))
+        else:
+            A = ref.new_zeros(r, layer.in_features)
+            B = ref.new_zeros(layer.out_features, r)
+        As.append(A.T if kind == "embedding" else A)
+        Bs.append(B)
+    return torch.stack(As), torch.stack(Bs)
+
+
+def layer_forward(layer: LoraLayer, x: Tensor, y: Tensor, st: LoraState) -> Tensor:
+    """The per_row branch of LoraLayer.forward: y (base output) + each row's adapter term."""
+    g = st.row_groups
+    if x.shape[0] != len(st.rows):
+        raise LoraError(f"per_row was given {len(st.rows)} adapter names but the batch has {x.shape[0]} rows")
+    kind = _fast_kind(layer)
+    if not isinstance(g, RowGroups) or kind is None or (g.model_mode and any(
+            n in layer.lora_magnitude_vector for n in g.used if hasattr(layer, "lora_magnitude_vector"))):
+        if isinstance(g, RowGroups) and not g.model_mode:
+            raise LoraError(f"the adapter bank cannot run a {layer.kind.name} layer")
+        return reference_layer(layer, x, y, g)
+    if g.model_mode and g.trainable and torch.is_grad_enabled():
+        if not any(n in layer.lora_A for n in g.used):
+            return y
+        A, B = _stack_params(layer, g.used, kind)
+        plan = g.local_plan
+        if layer.training and kind == "linear":
+            p = [_dropout_p(layer, n) for n in g.names]
+            if any(p):
+                x = ops.dropout_rows(x, p)
+    else:
+        plan = g.bank_plan()
+        stacks = g.bank.stacks(layer, plan)
+        if stacks is None:
+            return y
+        A, B = stacks
+    if kind == "embedding":
+        return ops.embedding_rows(x, A, B, plan, y=y, padding_idx=layer.base_layer.padding_idx)
+    return ops.lora_rows(x, A, B, plan, y=y)
+
+
+def _dropout_p(layer: LoraLayer, name: str | None) -> float:
+    d = layer.lora_dropout[name] if name is not None and name in layer.lora_dropout else None
+    return float(d.p) if isinstance(d, nn.Dropout) else 0.0
+
+
+def reference_layer(layer: LoraLayer, x: Tensor, y: Tensor, groups: dict[str, Tensor]) -> Tensor:
+    """Reference mixed batch: one pass of each adapter over its rows (a loop over adapters)."""
+    for name, idx in groups.items():
+        if name not in layer.lora_A:
+            continue
+        idx = idx.to(x.device)
+        try:
+            d = layer.lora_delta_out(x.index_select(0, idx), name, y.index_select(0, idx))
+        except TypeError:  # a layer whose lora_delta_out takes no base output
+            d = layer.lora_delta_out(x.index_select(0, idx), name)
+        y = y.index_add(0, idx, d.to(y.dtype))
+    return y
+
+
+def saved_forward(mod: ModulesToSave, x: Tensor, args: tuple, kwargs: dict, st: LoraState) -> Tensor:
+    """The per_row branch of ModulesToSave.forward: each adapter's copy runs on its rows only."""
+    g = st.row_groups
+    get: Callable[[str], nn.Module | None] = (
+        (lambda n: g.saved_module(mod, n)) if isinstance(g, RowGroups)
+        else (lambda n: mod.modules_to_save[n] if n in mod.modules_to_save else None))
+    modules = {n: get(n) for n in g}
+    modules = {n: m for n, m in modules.items() if m is not None}
+    if len(modules) == 1 and len(g) == 1 and len(next(iter(g.values()))) == x.shape[0]:
+        return next(iter(modules.values()))(x, *args, **kwargs)  # every row: one adapter
+    y = mod.original_module(x, *args, **kwargs)
+    for name, m in modules.items():
+        idx = g[name].to(x.device)
+        y = y.index_copy(0, idx, m(x.index_select(0, idx), *args, **kwargs).to(y.dtype))
+    return y
+
+
+def _model_bank(model: nn.Module):
+    from .bank import AdapterBank
+
+    bank = model.__dict__.get("_lorakit_bank")
+    if bank is None:
+        bank = model.__dict__["_lorakit_bank"] = AdapterBank(model, capacity=None)
+    return bank
 
 
 @contextmanager
 def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     """Inside the block, row i of every batch uses adapter `names[i]` (None = base model).
 
-    The base matmul runs once for the whole batch; each adapter's low-rank path runs on its rows.
-    Every row equals the output of a run with that row's adapter alone.
+    The base matmul runs once for the whole batch; the adapters' low-rank terms run as one grouped
+    matmul per layer. Every row equals the output of a run with that row's adapter alone. Works
+    under autograd (gradients reach each row's adapter); at inference the adapters are read from a
+    stacked copy kept beside the model and refreshed whenever their tensors change.
     """
     state = require_state(model)
     names = list(names)
@@ -26,14 +177,30 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
         if n is not None and n not in state.configs:
             raise LoraError(f"per_row: no adapter named {n!r}; adapters: {list(state.configs)}")
     _check_unmerged(model, "use per_row")
-    groups: dict[str, list[int]] = {}
-    for i, n in enumerate(names):
-        if n is not None:
-            groups.setdefault(n, []).append(i)
+    bank = _model_bank(model)
+    bank.sync_model(names)
+    used = set(n for n in names if n is not None)
+    trainable = any(p.requires_grad for _, layer in _layers(model) for n in used if n in layer.lora_A
+                    for p in (layer.lora_A[n], layer.lora_B[n]))
+    groups = RowGroups(names, bank=bank, keys=names, trainable=trainable, model_mode=True)
+    with _rows(state, names, groups):
+        yield
+
+
+def _layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    from .layer import lora_layers
+
+    return lora_layers(model)
+
+
+@contextmanager
+def _rows(state: LoraState, names: list, groups: RowGroups) -> Iterator[None]:
     prev = (state.rows, state.row_groups)
-    state.rows = names
-    state.row_groups = {n: torch.tensor(idx, dtype=torch.long) for n, idx in groups.items()}
+    state.rows, state.row_groups = names, groups
     try:
         yield
     finally:
         state.rows, state.row_groups = prev
+
+
+__all__ = ["per_row", "RowGroups", "layer_forward", "reference_layer", "saved_forward", "state_of"]

@@ -1,0 +1,347 @@
+"""An adapter bank: many adapters resident beside one base, ready for mixed batches.
+
+For every wrapped layer the bank keeps stacked slots, A (S, r, in) and B (S, out, r) (embeddings:
+A transposed, (S, vocab, r)), with each adapter's scaling folded into its B and smaller ranks
+padded with zeros to the layer's largest rank. `ops.lora_rows` reads the slots in place, so a batch
+that mixes adapters costs one grouped matmul per layer instead of a loop over adapters.
+
+Adapters are registered by name with a source: a PEFT folder on disk (checked when registered,
+read again each time it is brought in), tensors held in CPU memory, or (for `per_row`) the
+model's own adapter. At most `capacity` are resident; bringing in one more evicts the least
+recently used that the current batch does not need.
+
+Not thread-safe: call it from the thread that runs the model (the server has one worker thread).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections import OrderedDict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import core
+from .config import LoraConfig
+from .errors import LoraError
+from .layer import LoraLayer, ModulesToSave, adapter_dtype, lora_layers, state_of
+
+
+@dataclass
+class _Weights:
+    lora: dict[LoraLayer, tuple[Tensor, Tensor, float]]  # layer -> (A r x in, B out x r, scaling)
+    saved: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # modules_to_save path -> state dict
+
+
+@dataclass
+class _Stack:
+    A: Tensor  # (S, r, in); embeddings (S, vocab, r)
+    B: Tensor  # (S, out, r), scaling folded in
+    embedding: bool
+    filled: set[int] = field(default_factory=set)  # slots holding a non-zero adapter here
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[2] if self.embedding else self.A.shape[1]
+
+
+class _ModelSource:
+    """The model's own adapter `name` (its ParameterDicts); refreshed when its tensors change."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def fingerprint(self, model: nn.Module) -> tuple:
+        return tuple((id(l), id(l.lora_A[self.name]), l.lora_A[self.name]._version, id(l.lora_B[self.name]),
+                      l.lora_B[self.name]._version, l.scaling[self.name])
+                     for _, l in lora_layers(model) if self.name in l.lora_A)
+
+    def fetch(self, model: nn.Module) -> _Weights:
+        return _Weights({l: (l.lora_A[self.name].detach(), l.lora_B[self.name].detach(), l.scaling[self.name])
+                         for _, l in lora_layers(model) if self.name in l.lora_A})
+
+
+class _FileSource:
+    """A PEFT adapter folder (or its tensors kept in CPU memory), checked against the model."""
+
+    def __init__(self, model: nn.Module, source: str | os.PathLike | tuple[LoraConfig, dict[str, Tensor]],
+                 keep_in_memory: bool):
+        from .io import read_adapter
+
+        if isinstance(source, tuple):
+            self.path, (config, tensors) = None, source
+        else:
+            self.path = Path(source)
+            config, tensors = read_adapter(self.path)
+        plan = self._check(model, config, tensors)  # raises before anything changes
+        self.wrap(model, plan)  # wraps only layers not wrapped yet: other adapters are untouched
+        self.config = config
+        keep = keep_in_memory or self.path is None
+        self.memory = (config, tensors) if keep else None
+        self.plan = plan if keep else None  # else read again from disk when brought in
+
+    def _check(self, model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor]):
+        from .io import WEIGHTS_NAME, _plan
+
+        where = str(self.path / WEIGHTS_NAME) if self.path else "adapter tensors"
+        if getattr(config, "use_dora", False):
+            raise LoraError(f"{where}: DoRA adapters cannot share a base in a mixed batch (the magnitude "
+                            "rescales the base output per adapter); merge it or serve it alone")
+        plan = _plan(model, config, tensors, where)
+        if plan.biases:
+            raise LoraError(f"{where}: the adapter trains biases {sorted(plan.biases)[:3]}, which change the "
+                            "shared base; it cannot be served in a mixed batch")
+        if getattr(plan, "base_weights", None):
+            raise LoraError(f"{where}: the adapter rewrites base weights (PiSSA/OLoRA residual); it cannot share a base")
+        return plan
+
+    def wrap(self, model: nn.Module, plan) -> None:
+        from .inject import _save_module, _wrap
+
+        state = state_of(model, create=True)
+        for path in plan.lora:
+            _wrap(model, path, state)
+        for path in plan.saved:
+            _save_module(model, path, state)
+
+    def fetch(self, model: nn.Module) -> _Weights:
+        from .io import read_adapter
+
+        if self.memory is not None:
+            config, tensors = self.memory
+            plan = self.plan
+        else:
+            config, tensors = read_adapter(self.path)
+            plan = self._check(model, config, tensors)
+        self.wrap(model, plan)
+        lora = {}
+        for path, (A, B) in plan.lora.items():
+            layer = model.get_submodule(path)
+            lora[layer] = (A, B, core.scaling(config.alpha_for(path), A.shape[0], config.rslora))
+        return _Weights(lora, plan.saved)
+
+
+class AdapterBank:
+    """Stacked slots for up to `capacity` resident adapters of one model (None: no limit).
+
+    bank = AdapterBank(model, capacity=8)
+    bank.add("fr", "adapters/fr"); bank.add("de", "adapters/de")
+    with bank.rows(["fr", None, "de", "fr"]):   # a different adapter per batch row
+        logits = model(x).logits
+    """
+
+    def __init__(self, model: nn.Module, capacity: int | None = 8):
+        if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
+            raise LoraError(f"AdapterBank capacity must be a positive int or None, got {capacity!r}")
+        self.model = model
+        self.capacity = capacity
+        self._sources: dict[str, _ModelSource | _FileSource] = {}
+        self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
+        self._fingerprint: dict[str, tuple] = {}
+        self._stacks: dict[LoraLayer, _Stack] = {}
+        self._saved: dict[str, dict[str, nn.Module]] = {}  # name -> {modules_to_save path: module}
+        self._n_slots = capacity or 4
+        self.loads = self.evictions = self.hits = 0
+
+    # ---- registry ---------------------------------------------------------------------------
+    def add(self, name: str, source: str | os.PathLike | tuple[LoraConfig, dict[str, Tensor]] | None = None, *,
+            keep_in_memory: bool = False, replace: bool = False) -> None:
+        """Register adapter `name`: a PEFT folder, (config, tensors) in memory, or None for the
+        model's own adapter of that name. A folder is fully checked now (keys, shapes, config)
+        and read again when brought in, unless keep_in_memory. With replace=True an existing
+        adapter of that name is swapped out only once the new one passed every check."""
+        if name in self._sources and not replace:
+            raise LoraError(f"adapter {name!r} is already in the bank; pass replace=True or another name")
+        if source is None:
+            st = state_of(self.model)
+            if st is None or name not in st.configs:
+                raise LoraError(f"the model has no adapter named {name!r}")
+            src: _ModelSource | _FileSource = _ModelSource(name)
+        else:
+            src = _FileSource(self.model, source, keep_in_memory)
+        if name in self._sources:
+            self.remove(name)
+        self._sources[name] = src
+
+    def remove(self, name: str) -> None:
+        """Forget adapter `name` (evicting it if resident)."""
+        if name not in self._sources:
+            raise LoraError(f"no adapter named {name!r} in the bank; adapters: {list(self._sources)}")
+        if name in self._resident:
+            self.evict(name)
+        del self._sources[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._sources
+
+    def names(self) -> list[str]:
+        return list(self._sources)
+
+    def resident(self) -> list[str]:
+        """Resident adapters, least recently used first."""
+        return list(self._resident)
+
+    # ---- residency --------------------------------------------------------------------------
+    def load(self, name: str) -> int:
+        """Bring `name` into a slot (evicting the least recently used if full); returns its slot."""
+        return self.ensure([name])[name]
+
+    def evict(self, name: str) -> None:
+        slot = self._resident.pop(name, None)
+        if slot is None:
+            return
+        with torch.no_grad():
+            for st in self._stacks.values():
+                if slot in st.filled:
+                    st.A[slot].zero_()
+                    st.B[slot].zero_()
+                    st.filled.discard(slot)
+        self._saved.pop(name, None)
+        self._fingerprint.pop(name, None)
+        self.evictions += 1
+
+    def ensure(self, names: Sequence[str]) -> dict[str, int]:
+        """Make every adapter in `names` resident; returns name -> slot."""
+        wanted = list(dict.fromkeys(names))
+        for n in wanted:
+            if n not in self._sources:
+                raise LoraError(f"no adapter named {n!r} in the bank; adapters: {list(self._sources)}")
+        if self.capacity is not None and len(wanted) > self.capacity:
+            raise LoraError(f"the batch uses {len(wanted)} adapters but the bank holds at most {self.capacity}")
+        keep = set(wanted)
+        for n in wanted:
+            src = self._sources[n]
+            if n in self._resident:
+                if isinstance(src, _ModelSource) and self._fingerprint.get(n) != src.fingerprint(self.model):
+                    self._fill(self._resident[n], n)
+                else:
+                    self.hits += 1
+                self._resident.move_to_end(n)
+                continue
+            used = set(self._resident.values())
+            free = [s for s in range(self._n_slots) if s not in used]
+            if not free:
+                if self.capacity is None:
+                    self._grow(self._n_slots * 2)
+                    free = [self._n_slots // 2]
+                else:
+                    victim = next(v for v in self._resident if v not in keep)
+                    free = [self._resident[victim]]
+                    self.evict(victim)
+            self._resident[n] = free[0]
+            try:
+                self._fill(free[0], n)
+            except BaseException:
+                self._resident.pop(n, None)
+                raise
+        return {n: self._resident[n] for n in wanted}
+
+    @torch.no_grad()
+    def _fill(self, slot: int, name: str) -> None:
+        src = self._sources[name]
+        w = src.fetch(self.model)
+        for layer, st in self._stacks.items():
+            if slot in st.filled:
+                st.A[slot].zero_()
+                st.B[slot].zero_()
+                st.filled.discard(slot)
+        for layer, (A, B, s) in w.lora.items():
+            r = A.shape[0]
+            st = self._stack(layer, r)
+            if st.embedding:
+                st.A[slot, :, :r].copy_(A.T)
+            else:
+                st.A[slot, :r].copy_(A)
+            st.B[slot, :, :r].copy_(B.to(st.B.dtype) * s)
+            st.filled.add(slot)
+        self._saved[name] = {p: self._saved_copy(p, sd) for p, sd in w.saved.items()}
+        if isinstance(src, _ModelSource):
+            self._fingerprint[name] = src.fingerprint(self.model)
+        self.loads += 1
+
+    def _saved_copy(self, path: str, sd: dict[str, Tensor]) -> nn.Module:
+        mod = self.model.get_submodule(path)
+        original = mod.original_module if isinstance(mod, ModulesToSave) else mod
+        clone = copy.deepcopy(original)
+        ref = clone.state_dict()
+        clone.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, strict=True)
+        return clone.eval().requires_grad_(False)
+
+    def _stack(self, layer: LoraLayer, r: int) -> _Stack:
+        st = self._stacks.get(layer)
+        if st is not None and st.rank >= r:
+            return st
+        w = layer.weight_tensor()
+        dt, dev = adapter_dtype(w), w.device
+        emb = layer.kind.name == "embedding"
+        S, n_in, n_out = self._n_slots, layer.in_features, layer.out_features
+        A = torch.zeros((S, n_in, r) if emb else (S, r, n_in), dtype=dt, device=dev)
+        B = torch.zeros(S, n_out, r, dtype=dt, device=dev)
+        new = _Stack(A, B, emb)
+        if st is not None:  # a larger rank arrived: pad the old slots into the new stack
+            old_r = st.rank
+            (new.A[:, :, :old_r] if emb else new.A[:, :old_r]).copy_(st.A)
+            new.B[:, :, :old_r].copy_(st.B)
+            new.filled = st.filled
+        self._stacks[layer] = new
+        return new
+
+    @torch.no_grad()
+    def _grow(self, n: int) -> None:
+        for layer, st in self._stacks.items():
+            A = st.A.new_zeros((n, *st.A.shape[1:]))
+            B = st.B.new_zeros((n, *st.B.shape[1:]))
+            A[: st.A.shape[0]].copy_(st.A)
+            B[: st.B.shape[0]].copy_(st.B)
+            st.A, st.B = A, B
+        self._n_slots = n
+
+    # ---- what the forward reads -------------------------------------------------------------
+    def stacks(self, layer: LoraLayer, plan) -> tuple[Tensor, Tensor] | None:
+        """The layer's (A, B) slot stacks, or None if no adapter in `plan` touches this layer."""
+        st = self._stacks.get(layer)
+        if st is None or st.filled.isdisjoint(plan.used):
+            return None
+        return st.A, st.B
+
+    def saved_module(self, mod: ModulesToSave, name: str) -> nn.Module | None:
+        for path, m in self._saved.get(name, {}).items():
+            if self.model.get_submodule(path) is mod:
+                return m
+        return None
+
+    def sync_model(self, names: Sequence[str | None]) -> None:
+        """For per_row: follow the model's own adapters (new ones registered, deleted ones dropped)."""
+        st = state_of(self.model)
+        configs = st.configs if st else {}
+        for n in [n for n, s in self._sources.items() if isinstance(s, _ModelSource) and n not in configs]:
+            self.remove(n)
+        for n in names:
+            if n is not None and n not in self._sources:
+                self._sources[n] = _ModelSource(n)
+
+    @contextmanager
+    def rows(self, names: Sequence[str | None]) -> Iterator[None]:
+        """Inside the block, row i of every batch uses the bank's adapter names[i] (None: base)."""
+        from .adapters import _check_unmerged
+        from .batch import RowGroups, _rows
+
+        names = list(names)
+        _check_unmerged(self.model, "run a mixed batch")
+        state = state_of(self.model, create=True)
+        groups = RowGroups(names, bank=self, keys=names, trainable=False, model_mode=False)
+        groups.bank_plan()  # bring adapters in now, not inside the forward
+        with _rows(state, names, groups):
+            yield
+
+    def stats(self) -> dict[str, int]:
+        return {"registered": len(self._sources), "resident": len(self._resident), "loads": self.loads,
+                "evictions": self.evictions, "hits": self.hits}
+
+
+__all__ = ["AdapterBank"]

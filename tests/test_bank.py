@@ -1,0 +1,129 @@
+"""AdapterBank: adapters from disk in stacked slots, LRU at a capacity, all-or-nothing loads;
+every row equals the model with that adapter loaded alone by load_adapter."""
+
+import json
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.bank import AdapterBank
+from tiny import tiny_bert, tiny_llama
+
+RANKS = {"a": 2, "b": 8, "c": 4, "d": 1}
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    for i, (name, r) in enumerate(RANKS.items()):
+        m = tiny_llama()
+        targets = ["q_proj", "v_proj", "embed_tokens"] if i % 2 == 0 else ["k_proj", "o_proj", "up_proj"]
+        lk.inject(m, lk.LoraConfig(r=r, alpha=3 * r, targets=targets, init=False, rslora=i == 3), name)
+        with torch.no_grad():
+            for p in lk.adapter_parameters(m, name):
+                p.normal_(0, 0.3)
+        lk.save_adapter(m, root / name, name)
+    return root
+
+
+def single(saved, name, x):
+    m = tiny_llama()
+    lk.load_adapter(m, saved / name, name)
+    with torch.no_grad():
+        return m(x).logits
+
+
+def test_bank_rows_match_single_adapter_models_and_lru(saved):
+    model = tiny_llama()
+    bank = AdapterBank(model, capacity=3)
+    for n in RANKS:
+        bank.add(n, saved / n)
+    assert bank.resident() == [] and lk.list_adapters(model) == []
+    x = torch.randint(0, 128, (6, 5), generator=torch.Generator().manual_seed(0))
+    want = {n: single(saved, n, x) for n in RANKS}
+    base = tiny_llama()(x).logits.detach()
+    batches = [["a", "b", None, "a", "c", "b"], ["d", "d", "a", "a", "a", None], ["c"] * 6, ["d", "b", "c", "a", "b", "d"][:5] + [None]]
+    for names in batches[:3]:
+        with torch.no_grad(), bank.rows(names):
+            got = model(x).logits
+        for i, n in enumerate(names):
+            torch.testing.assert_close(got[i], (want[n] if n else base)[i], atol=2e-5, rtol=1e-4)
+    assert bank.resident() == ["d", "a", "c"] and bank.evictions == 1  # "b" was least recently used
+    with pytest.raises(lk.LoraError, match="at most 3"):
+        with bank.rows(batches[3]):
+            pass
+    with pytest.raises(lk.LoraError, match="zzz"):
+        with bank.rows(["zzz"]):
+            pass
+
+
+def test_bank_failed_replace_keeps_working_adapter(saved, tmp_path):
+    model = tiny_llama()
+    bank = AdapterBank(model, capacity=2)
+    bank.add("a", saved / "a")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((saved / "b" / "adapter_config.json").read_text())
+    (bad / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(lk.LoraError, match="safetensors"):
+        bank.add("a", bad, replace=True)
+    wrong = tmp_path / "wrong"
+    wrong.mkdir()
+    cfg = json.loads((saved / "b" / "adapter_config.json").read_text())
+    cfg["r"] = 5
+    (wrong / "adapter_config.json").write_text(json.dumps(cfg))
+    (wrong / "adapter_model.safetensors").write_bytes((saved / "b" / "adapter_model.safetensors").read_bytes())
+    with pytest.raises(lk.LoraError, match="rank"):
+        bank.add("a", wrong, replace=True)
+    x = torch.randint(0, 128, (2, 4))
+    with torch.no_grad(), bank.rows(["a", "a"]):
+        got = model(x).logits
+    torch.testing.assert_close(got, single(saved, "a", x), atol=2e-5, rtol=1e-4)
+    bank.add("a", saved / "c", replace=True)  # a good replacement does replace
+    with torch.no_grad(), bank.rows(["a", "a"]):
+        got = model(x).logits
+    torch.testing.assert_close(got, single(saved, "c", x), atol=2e-5, rtol=1e-4)
+
+
+def test_load_adapter_replace_is_all_or_nothing(saved, tmp_path):
+    model = tiny_llama()
+    lk.load_adapter(model, saved / "a", "a")
+    x = torch.randint(0, 128, (2, 4))
+    before = model(x).logits.detach()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "adapter_config.json").write_text((saved / "b" / "adapter_config.json").read_text())
+    (bad / "adapter_model.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(lk.LoraError):
+        lk.load_adapter(model, bad, "a", replace=True)
+    assert lk.list_adapters(model) == ["a"]
+    torch.testing.assert_close(model(x).logits.detach(), before)
+
+
+def test_bank_classifier_heads_per_row(tmp_path):
+    for name, seed in (("pos", 1), ("neg", 2)):
+        m = tiny_bert()
+        lk.inject(m, lk.LoraConfig(r=4, alpha=8, targets=["query", "value"], modules_to_save=["classifier"], init=False), name)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for p in lk.adapter_parameters(m, name):
+                p.normal_(0, 0.3)
+        lk.save_adapter(m, tmp_path / name, name)
+    model = tiny_bert()
+    bank = AdapterBank(model, capacity=2)
+    bank.add("pos", tmp_path / "pos")
+    bank.add("neg", tmp_path / "neg", keep_in_memory=True)
+    x = torch.randint(0, 128, (4, 6))
+    names = ["neg", "pos", None, "neg"]
+    with torch.no_grad(), bank.rows(names):
+        got = model(x).logits
+    base = tiny_bert()(x).logits.detach()
+    for i, n in enumerate(names):
+        if n is None:
+            want = base[i]
+        else:
+            m = tiny_bert()
+            lk.load_adapter(m, tmp_path / n, n)
+            want = m(x[i:i + 1]).logits.detach()[0]
+        torch.testing.assert_close(got[i], want, atol=2e-5, rtol=1e-4)
