@@ -1,5 +1,6 @@
 """lorakit: LoRA for PyTorch. Inject, train, save/load (PEFT format), swap, merge, batch adapters."""
 
+from .arithmetic import CombineReport, combine_adapters
 from .adapters import active_adapters, delete_adapter, disable_adapters, get_config, list_adapters, set_adapter
 from .batch import per_row
 from .config import LoraConfig
@@ -9,13 +10,14 @@ from .io import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from .kinds import Kind, register
 from .layer import LoraLayer, ModulesToSave
 from .merge import MergeReport, merge, merged, merged_state_dict, unmerge
+from .optim import lora_plus_groups, lora_plus_optimizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterFileError", "Kind", "LoraConfig", "LoraError", "LoraLayer", "MergeReport", "ModulesToSave",
+    "AdapterFileError", "CombineReport", "Kind", "LoraConfig", "LoraError", "LoraLayer", "MergeReport", "ModulesToSave",
     "ParamSummary", "TargetError", "active_adapters", "adapter_parameters", "adapter_state_dict",
-    "delete_adapter", "disable_adapters", "find_targets", "get_config", "inject", "list_adapters",
-    "load_adapter", "merge", "merged", "merged_state_dict", "param_summary", "per_row", "read_adapter",
+    "combine_adapters", "delete_adapter", "disable_adapters", "find_targets", "get_config", "inject", "list_adapters",
+    "load_adapter", "lora_plus_groups", "lora_plus_optimizer", "merge", "merged", "merged_state_dict", "param_summary", "per_row", "read_adapter",
     "register", "save_adapter", "set_adapter", "unload", "unmerge", "__version__",
 ]

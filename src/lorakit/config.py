@@ -9,10 +9,11 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import LoraError
+from .init import changes_base
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_METHODS = (True, False, "default", "gaussian")
+INIT_METHODS = (True, False, "default", "gaussian", "pissa", "pissa_niter_N", "olora")
 
 # our field name -> PEFT's adapter_config.json name
 PEFT_NAMES = {
@@ -26,6 +27,7 @@ PEFT_NAMES = {
     "bias": "bias",
     "fan_in_fan_out": "fan_in_fan_out",
     "init": "init_lora_weights",
+    "use_dora": "use_dora",
     "rank_pattern": "rank_pattern",
     "alpha_pattern": "alpha_pattern",
     "layers_to_transform": "layers_to_transform",
@@ -42,7 +44,7 @@ PEFT_HARMLESS = {
 # PEFT features lorakit does not implement: fine at their default, refused otherwise (a silent
 # ignore would give wrong outputs).
 PEFT_FEATURE_DEFAULTS: dict[str, Any] = {
-    "use_dora": False, "megatron_config": None, "loftq_config": {}, "eva_config": None,
+    "megatron_config": None, "loftq_config": {}, "eva_config": None,
     "corda_config": None, "lora_ga_config": None, "velora_config": None,
     "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
     "layer_replication": None, "lora_bias": False, "target_parameters": None,
@@ -109,6 +111,7 @@ class LoraConfig:
     task_type: str | None = None
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
+    use_dora: bool = False  # DoRA: a learned magnitude per output row (lorakit.dora)
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -119,7 +122,7 @@ class LoraConfig:
             _fail("dropout", self.dropout, "must be a number in [0, 1)")
         self.targets = _check_patterns("targets", self.targets, allow_all_linear=True)
         self.exclude = _check_patterns("exclude", self.exclude, allow_all_linear=False)
-        for flag in ("rslora", "fan_in_fan_out", "inference_mode"):
+        for flag in ("rslora", "fan_in_fan_out", "inference_mode", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "must be True or False")
         if self.modules_to_save is not None:
@@ -130,7 +133,8 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         if self.bias not in BIAS_MODES:
             _fail("bias", self.bias, f"must be one of {BIAS_MODES}")
-        if not (self.init is True or self.init is False or self.init in ("default", "gaussian")):
+        if not (self.init is True or self.init is False or self.init in ("default", "gaussian")
+                or changes_base(self.init)):
             _fail("init", self.init, f"must be one of {INIT_METHODS}")
         for key, val in dict(self.rank_pattern).items():
             if not isinstance(val, int) or isinstance(val, bool) or val <= 0:

@@ -172,7 +172,7 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
         layer = _wrap(model, path, state)
         fan_in_fan_out |= layer.kind.fan_in_fan_out
         layer.add(adapter, config.rank_for(path), config.alpha_for(path), rslora=config.rslora,
-                  dropout=config.dropout, init=config.init)
+                  dropout=config.dropout, init=config.init, use_dora=config.use_dora, path=path)
     for path in save_paths:
         _save_module(model, path, state).add(adapter)
     if config.targets == ALL_LINEAR:  # record what was matched, so PEFT finds the same layers
@@ -205,6 +205,8 @@ def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.
             if n in layer.lora_A:
                 params[id(layer.lora_A[n])] = layer.lora_A[n]
                 params[id(layer.lora_B[n])] = layer.lora_B[n]
+                if n in layer.lora_magnitude_vector:
+                    params[id(layer.lora_magnitude_vector[n])] = layer.lora_magnitude_vector[n]
                 if state.configs[n].bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
                     params[id(layer.base_layer.bias)] = layer.base_layer.bias
     for _, mod in saved_modules(model):

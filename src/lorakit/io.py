@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import uuid
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +26,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import kinds
+from . import dora, kinds
 from .config import LoraConfig
 from .errors import AdapterFileError, LoraError
+from .init import changes_base
 from .inject import (_save_module, _wrap, check_adapter_name, find_targets,
                      modules_to_save_paths)
 from .layer import LoraLayer, ModulesToSave, lora_layers, require_state, saved_modules, state_of
@@ -54,6 +55,9 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
         r, base, (ka, kb) = layer.rank(adapter), layer.base_layer, layer.kind.keys
         out[f"{PREFIX}{path}.{ka}"] = layer.lora_A[adapter].detach().reshape(layer.kind.a_shape(base, r))
         out[f"{PREFIX}{path}.{kb}"] = layer.lora_B[adapter].detach().reshape(layer.kind.b_shape(base, r))
+        if adapter in layer.lora_magnitude_vector:
+            mag = layer.lora_magnitude_vector[adapter].detach()
+            out[f"{PREFIX}{path}.{dora.KEY}"] = mag.reshape(dora.file_shape(layer.kind, base))
         if config.bias == "lora_only" and getattr(base, "bias", None) is not None:
             out[f"{PREFIX}{path}.base_layer.bias"] = base.bias.detach()
     for path, mod in saved_modules(model):
@@ -164,6 +168,7 @@ class _Plan:
     lora: dict[str, tuple[Tensor, Tensor]]  # module path -> (A as r x in, B as out x r)
     saved: dict[str, dict[str, Tensor]]  # modules_to_save path -> its state dict
     biases: dict[str, Tensor]  # parameter name in the wrapped model -> value
+    magnitudes: dict[str, Tensor] = field(default_factory=dict)  # module path -> DoRA magnitude (out,)
 
 
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<which>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
@@ -174,6 +179,7 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sour
     saved_paths = modules_to_save_paths(model, config)
     saved: dict[str, dict[str, Tensor]] = {p: {} for p in saved_paths}
     biases: dict[str, Tensor] = {}
+    magnitudes: dict[str, Tensor] = {}
     modules = dict(model.named_modules())
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
@@ -191,8 +197,11 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sour
         if config.bias != "none" and name.endswith("bias"):
             biases[name] = t
             continue
-        if "lora_magnitude_vector" in name:
-            raise AdapterFileError(f"{source}: key {key!r} is a DoRA magnitude, which lorakit does not read")
+        if name.endswith("." + dora.KEY):
+            if not config.use_dora:
+                raise AdapterFileError(f"{source}: key {key!r} is a DoRA magnitude but the config has use_dora=false")
+            magnitudes[name[: -len(dora.KEY) - 1]] = t
+            continue
         raise AdapterFileError(f"{source}: unexpected key {key!r} for a LoRA adapter of {type(model).__name__}")
 
     lora: dict[str, tuple[Tensor, Tensor]] = {}
@@ -225,6 +234,18 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sour
                 f"{source}: {ka!r} has rank {r} but the config says r={config.rank_for(path)} for {path}"
             )
         lora[path] = (A.reshape(r, -1), B.reshape(B.shape[0], r))
+        if changes_base(config.init) and (kind.channel_dim != -1 or not kind.linear_like):
+            raise AdapterFileError(f"{source}: init_lora_weights={config.init!r} on {path}, a {kind.name} layer")
+        if config.use_dora:
+            mag, km = magnitudes.get(path), f"{PREFIX}{path}.{dora.KEY}"
+            if mag is None:
+                raise AdapterFileError(f"{source}: use_dora is true but {km!r} is missing")
+            if tuple(mag.shape) != dora.file_shape(kind, base):
+                raise AdapterFileError(
+                    f"{source}: {km!r} has shape {tuple(mag.shape)}, but {path} needs {dora.file_shape(kind, base)}")
+            magnitudes[path] = mag.reshape(-1)
+    for path in magnitudes.keys() - lora.keys():
+        raise AdapterFileError(f"{source}: {PREFIX}{path}.{dora.KEY} has no lora_A/lora_B beside it")
 
     for path, sd in saved.items():
         mod = modules[path]
@@ -258,7 +279,7 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sour
     missing = sorted(expected - set(lora))
     if missing:
         warnings.warn(f"{source}: config targets {missing[:5]} but the file has no weights for them", stacklevel=3)
-    return _Plan(lora, {p: sd for p, sd in saved.items() if sd}, biases)
+    return _Plan(lora, {p: sd for p, sd in saved.items() if sd}, biases, magnitudes=magnitudes)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default", *,
@@ -315,9 +336,12 @@ def _apply(model: nn.Module, state, adapter: str, config: LoraConfig, plan: _Pla
     for path, (A, B) in plan.lora.items():
         layer = _wrap(model, path, state)
         fan_in_fan_out |= layer.kind.fan_in_fan_out
-        layer.add(adapter, A.shape[0], config.alpha_for(path), rslora=config.rslora, dropout=config.dropout)
+        layer.add(adapter, A.shape[0], config.alpha_for(path), rslora=config.rslora, dropout=config.dropout,
+                  init=config.init if changes_base(config.init) else True, use_dora=config.use_dora, path=path)
         layer.lora_A[adapter].copy_(A)
         layer.lora_B[adapter].copy_(B)
+        if path in plan.magnitudes:
+            layer.lora_magnitude_vector[adapter].copy_(plan.magnitudes[path])
     for path, sd in plan.saved.items():
         mod = _save_module(model, path, state)
         mod.add(adapter)

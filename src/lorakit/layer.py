@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import core
+from . import core, dora
 from .errors import LoraError
+from .init import changes_base, init_from_base
 from .kinds import Kind
 
 
@@ -63,26 +64,33 @@ class LoraLayer(_Wrapper):
         self.scaling: dict[str, float] = {}
         self.merged: list[str] = []  # stack: merged adapters, oldest first
         self.originals: dict[str, Tensor] = {}  # adapter -> weight before its merge (keep_original)
+        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters: (out,) magnitudes
+        self.dora_norms: dict[str, Tensor] = {}  # DoRA: row norms at merge time, for unmerge
         self.in_features, self.out_features = kind.dims(base_layer)
 
     # ---- adapters ---------------------------------------------------------------------------
     def add(self, name: str, r: int, alpha: float, *, rslora: bool = False, dropout: float = 0.0,
-            init: bool | str = True, dtype: torch.dtype | None = None) -> None:
+            init: bool | str = True, dtype: torch.dtype | None = None, use_dora: bool = False,
+            path: str = "") -> None:
         weight = self.weight_tensor()
         dtype = dtype or adapter_dtype(weight)
         A = torch.empty(r, self.in_features, dtype=dtype, device=weight.device)
         B = torch.empty(self.out_features, r, dtype=dtype, device=weight.device)
-        core.init_ab(A, B, init)
+        core.init_ab(A, B, True if changes_base(init) else init)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.scaling[name] = core.scaling(alpha, r, rslora)
+        if changes_base(init):  # PiSSA / OLoRA: A, B from W, and W becomes the residual
+            init_from_base(self, name, init, path)
+        if use_dora:
+            dora.init_magnitude(self, name)
         use = dropout > 0 and self.kind.uses_dropout
         self.lora_dropout[name] = nn.Dropout(dropout) if use else nn.Identity()
 
     def remove(self, name: str) -> None:
         if name in self.merged:
             raise LoraError(f"adapter {name!r} is merged into the weights: unmerge(model) first")
-        for container in (self.lora_A, self.lora_B, self.lora_dropout):
+        for container in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
             if name in container:
                 del container[name]
         self.scaling.pop(name, None)
@@ -97,8 +105,11 @@ class LoraLayer(_Wrapper):
         return w
 
     # ---- forward ----------------------------------------------------------------------------
-    def lora_delta_out(self, x: Tensor, name: str) -> Tensor:
-        """s * B(A(dropout(x))) for one adapter: the adapter's contribution to the output."""
+    def lora_delta_out(self, x: Tensor, name: str, y: Tensor | None = None) -> Tensor:
+        """s * B(A(dropout(x))) for one adapter: the adapter's contribution to the output.
+        `y` (the output so far) lets a DoRA adapter reuse the base output instead of recomputing it."""
+        if name in self.lora_magnitude_vector:
+            return dora.delta_out(self, x, name, y)
         return core.lora_out(
             self.lora_dropout[name](x),
             self.lora_A[name],
@@ -117,7 +128,7 @@ class LoraLayer(_Wrapper):
             return self._per_row(x, y, st)
         for name in st.active:
             if name in self.lora_A and name not in self.merged:
-                y = y + self.lora_delta_out(x, name).to(y.dtype)
+                y = y + self.lora_delta_out(x, name, y).to(y.dtype)
         return y
 
     def _per_row(self, x: Tensor, y: Tensor, st: LoraState) -> Tensor:

@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from . import core
+from . import core, dora
 from .errors import LoraError
 from .layer import LoraLayer, lora_layers, require_state, saved_modules
 
@@ -38,6 +38,22 @@ def layer_delta(layer: LoraLayer, name: str) -> Tensor:
     return core.delta(layer.lora_A[name], layer.lora_B[name], layer.scaling[name])
 
 
+def _merge_step(layer: LoraLayer, name: str, m: Tensor, record: bool = False) -> Tensor:
+    """m (float32 out x in) with adapter `name` merged in: m + dW, or DoRA's g * (m + dW)."""
+    if name not in layer.lora_magnitude_vector:
+        return m + layer_delta(layer, name)
+    new, norm = dora.merge_matrix(layer, name, m, dora.base_matrix(layer))
+    if record:
+        layer.dora_norms[name] = norm
+    return new
+
+
+def _unmerge_step(layer: LoraLayer, name: str, m: Tensor) -> Tensor:
+    if name in layer.lora_magnitude_vector:
+        return dora.unmerge_matrix(layer, name, m)
+    return m - layer_delta(layer, name)
+
+
 @torch.no_grad()
 def merge(model: nn.Module, adapter: str | list[str] | None = None, *, keep_original: bool = False) -> MergeReport:
     """Write the active adapters (or `adapter`) into the base weights; their LoRA path then idles."""
@@ -57,7 +73,7 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None, *, keep_orig
             current = layer.kind.matrix(layer.base_layer)
             if keep_original:
                 layer.originals[n] = layer.base_layer.weight.detach().clone()
-            exact = current.float() + layer_delta(layer, n)
+            exact = _merge_step(layer, n, current.float(), record=True)
             layer.kind.store(layer.base_layer, exact.to(current.dtype))
             stored = layer.kind.matrix(layer.base_layer).float()
             worst = max(worst, (stored - exact).abs().max().item())
@@ -76,9 +92,10 @@ def unmerge(model: nn.Module) -> None:
             original = layer.originals.pop(n, None)
             if original is not None:
                 layer.base_layer.weight.copy_(original)
+                layer.dora_norms.pop(n, None)
             else:
                 current = layer.kind.matrix(layer.base_layer)
-                layer.kind.store(layer.base_layer, (current.float() - layer_delta(layer, n)).to(current.dtype))
+                layer.kind.store(layer.base_layer, _unmerge_step(layer, n, current.float()).to(current.dtype))
 
 
 @contextmanager
@@ -105,7 +122,7 @@ def merged_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str,
         m = layer.kind.matrix(layer.base_layer).float()
         for n in names:
             if n in layer.lora_A and n not in layer.merged:
-                m = m + layer_delta(layer, n)
+                m = _merge_step(layer, n, m)
         out[f"{path}.weight"] = _from_matrix(layer, m.to(w.dtype))
     for key, value in model.state_dict().items():
         plain = _plain_key(key, wrappers, kept, names)
