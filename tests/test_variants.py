@@ -312,3 +312,27 @@ def test_lora_plus_groups():
     assert sum(len(g["params"]) for g in opt.param_groups) == n_all
     with pytest.raises(LoraError, match="ratio"):
         lk.lora_plus_optimizer(m, lr=1e-3, ratio=0)
+
+
+@pytest.mark.parametrize("build,kw", [
+    ("bert", dict(target_modules=["query", "value"], layers_to_transform=1)),
+    ("bert", dict(target_modules=["query", "dense"], layers_to_transform=[0], layers_pattern=["layer"],
+                  rank_pattern={"attention.output.dense": 3})),
+    ("gpt2", dict(target_modules=["c_attn", "c_proj"], layers_to_transform=[1], layers_pattern="h",
+                  rank_pattern={r"transformer\.h\.1\.mlp\.c_proj": 5}, alpha_pattern={"c_attn": 2})),
+])
+def test_layer_selection_matches_peft(build, kw):
+    from tiny import MODELS
+
+    pm = _peft(MODELS[build](), **kw)
+    peft_layers = {n.replace("base_model.model.", ""): mod for n, mod in pm.named_modules()
+                   if isinstance(mod, peft.tuners.lora.LoraLayer)}
+    cfg = lk.LoraConfig(r=4, alpha=8, targets=kw["target_modules"], layers_to_transform=kw["layers_to_transform"],
+                        layers_pattern=kw.get("layers_pattern"), rank_pattern=kw.get("rank_pattern", {}),
+                        alpha_pattern=kw.get("alpha_pattern", {}))
+    ours = lk.inject(MODELS[build](), cfg)
+    got = dict(lora_layers(ours))
+    assert sorted(got) == sorted(peft_layers) and got
+    for path, layer in got.items():
+        assert layer.rank("default") == peft_layers[path].r["default"], path
+        assert layer.scaling["default"] == pytest.approx(peft_layers[path].scaling["default"]), path

@@ -127,6 +127,15 @@ def _svd(target: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     return A, B, err
 
 
+def _progress(items: list, desc: str, show: bool | None) -> list:
+    """tqdm when installed (an optional dependency); None: only on a terminal."""
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return items
+    return tqdm(items, desc=desc, disable=None if show is None else not show, leave=False)
+
+
 # ---- the public function ----------------------------------------------------------------------
 @torch.no_grad()
 def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], new: str, *,
@@ -149,9 +158,7 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
     built: dict[str, tuple[Tensor, Tensor]] = {}
     errors: dict[str, float] = {}
     num = den = 0.0
-    from tqdm.auto import tqdm
-
-    for path, layer in tqdm(layers, desc=f"combine ({method})", disable=None if progress is None else not progress, leave=False):
+    for path, layer in _progress(layers, f"combine ({method})", progress):
         present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
         if method == "linear":
             A = torch.cat([layer.lora_A[a].float() for a, _ in present])

@@ -74,9 +74,9 @@ def inspect_adapter(folder: str | os.PathLike) -> dict:
         else:
             other += t.numel()
     layers = []
-    from tqdm.auto import tqdm
+    from lorakit.arithmetic import _progress
 
-    for path in tqdm(sorted(parts, key=_natural), desc="spectra", leave=False, disable=None):
+    for path in _progress(sorted(parts, key=_natural), "spectra", None):
         d = parts[path]
         if "lora_A" not in d or "lora_B" not in d:
             continue
@@ -106,8 +106,12 @@ def _natural(path: str) -> list:
 
 def plot(report: dict, out: str | os.PathLike) -> Path:
     """Two panels: normalised singular values per layer, and effective rank vs rank per layer."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        from lorakit.errors import LoraError
 
+        raise LoraError("the plot needs matplotlib: pip install 'lorakit[train]' (or pass --no-plot)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
