@@ -11,6 +11,7 @@ from .kinds import Kind, register
 from .layer import LoraLayer, ModulesToSave
 from .merge import MergeReport, merge, merged, merged_state_dict, unmerge
 from .optim import lora_plus_groups, lora_plus_optimizer
+from .quant import load_quantized  # also registers the quantized layer kinds (imports neither library)
 
 __version__ = "0.1.0"
 
@@ -18,6 +19,6 @@ __all__ = [
     "AdapterFileError", "CombineReport", "Kind", "LoraConfig", "LoraError", "LoraLayer", "MergeReport", "ModulesToSave",
     "ParamSummary", "TargetError", "active_adapters", "adapter_parameters", "adapter_state_dict",
     "combine_adapters", "delete_adapter", "disable_adapters", "find_targets", "get_config", "inject", "list_adapters",
-    "load_adapter", "lora_plus_groups", "lora_plus_optimizer", "merge", "merged", "merged_state_dict", "param_summary", "per_row", "read_adapter",
+    "load_adapter", "load_quantized", "lora_plus_groups", "lora_plus_optimizer", "merge", "merged", "merged_state_dict", "param_summary", "per_row", "read_adapter",
     "register", "save_adapter", "set_adapter", "unload", "unmerge", "__version__",
 ]

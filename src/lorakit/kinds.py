@@ -126,8 +126,12 @@ def register(key: type | str, kind: Kind) -> None:
 
 
 def kind_of(module: nn.Module) -> Kind | None:
-    """The kind for this module's class, looking up its MRO so subclasses inherit their parent's."""
-    for cls in type(module).__mro__:
+    """The kind for this module's class, looking up its MRO so subclasses inherit their parent's.
+
+    The weight's class is looked up first: torchao quantizes by swapping an nn.Linear's weight
+    for a tensor subclass, so the module's class alone would say "plain linear"."""
+    weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+    for cls in (*(type(weight).__mro__ if weight is not None else ()), *type(module).__mro__):
         kind = KINDS.get(cls) or KINDS.get(f"{cls.__module__}.{cls.__qualname__}")
         if kind is not None:
             return kind

@@ -71,8 +71,9 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None, *, keep_orig
             if n not in layer.lora_A or n in layer.merged:
                 continue
             current = layer.kind.matrix(layer.base_layer)
-            if keep_original:
-                layer.originals[n] = layer.base_layer.weight.detach().clone()
+            if keep_original:  # a kind with `write` (quantized) swaps in a new weight: keep the old object
+                w = layer.base_layer.weight
+                layer.originals[n] = w if layer.kind.write is not None else w.detach().clone()
             exact = _merge_step(layer, n, current.float(), record=True)
             layer.kind.store(layer.base_layer, exact.to(current.dtype))
             stored = layer.kind.matrix(layer.base_layer).float()
@@ -91,7 +92,10 @@ def unmerge(model: nn.Module) -> None:
             n = layer.merged.pop()
             original = layer.originals.pop(n, None)
             if original is not None:
-                layer.base_layer.weight.copy_(original)
+                if layer.kind.write is not None:  # quantized: put the kept weight object back
+                    layer.kind.store(layer.base_layer, original)
+                else:
+                    layer.base_layer.weight.copy_(original)
                 layer.dora_norms.pop(n, None)
             else:
                 current = layer.kind.matrix(layer.base_layer)
@@ -118,6 +122,11 @@ def merged_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str,
     kept = dict(saved_modules(model))
     out: dict[str, Tensor] = {}
     for path, layer in wrappers.items():
+        if layer.kind.write is not None:
+            raise LoraError(
+                f"merged_state_dict: {path} is a {layer.kind.name} layer whose weight is stored quantized; "
+                "call lorakit.quant.dequantize(model) first for a dense export, or merge(model) to requantize in place"
+            )
         w = layer.base_layer.weight
         m = layer.kind.matrix(layer.base_layer).float()
         for n in names:
