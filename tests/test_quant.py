@@ -196,7 +196,7 @@ def test_dense_bf16_export_matches_adapted_model(base_dir, tmp_path, tokens):
     model.eval()
     with torch.no_grad():
         adapted = model(tokens).logits
-    quant.dequantize(model, torch.float32)
+    quant.dequantize(model)
     assert not any(quant.is_quantized(m) for m in model.modules())
     lk.unload(model, merge=True)
     model.save_pretrained(tmp_path)

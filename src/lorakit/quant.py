@@ -18,9 +18,10 @@ Merging, two ways (pick by what you need):
     is coarse next to a LoRA update: `MergeReport.max_abs_error` is that requantization error
     (max |dequant(stored) - (W + dW)|). `unmerge` subtracts dW and requantizes again (drifts);
     with keep_original=True it puts the original quantized weight back exactly.
-  * Exact export: `dequantize(model, torch.bfloat16)` turns every quantized layer into a plain
-    nn.Linear (LoRA wrappers stay), then `unload(model, merge=True)` merges in float32 and rounds
-    once into bf16; `model.save_pretrained(...)` writes an ordinary bf16 checkpoint.
+  * Dense export, no requantization: `dequantize(model)` turns every quantized layer into a plain
+    nn.Linear (LoRA wrappers stay), `unload(model, merge=True)` merges in float32 and rounds once
+    into the weight dtype, and `model.to(torch.bfloat16).save_pretrained(dir)` writes an ordinary
+    bf16 checkpoint (what `lorakit` recommends for sharing a QLoRA result).
 `merged_state_dict` refuses a quantized base (its keys mix packed data and quantization state).
 """
 
@@ -246,17 +247,20 @@ def quantize_int8_wo(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def dequantize(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> nn.Module:
-    """Replace every quantized linear (also under LoRA wrappers) by a plain nn.Linear in `dtype`,
-    in place. For exporting: then `unload(model, merge=True)` and `save_pretrained` give an
-    ordinary checkpoint whose only rounding is the one into `dtype` (no requantization)."""
+def dequantize(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every quantized linear (also under LoRA wrappers) by a plain nn.Linear, in place;
+    `dtype` defaults to the model's (transformers' `model.dtype`), so it keeps running as is.
+    For exporting: then `unload(model, merge=True)` and `save_pretrained` give an ordinary
+    checkpoint whose only rounding is the one into the weight dtype (no requantization)."""
+    dtype = dtype or getattr(model, "dtype", None) or torch.float32
     for path, module in list(model.named_modules()):
         kind = kinds.kind_of(module)
         if kind not in QUANTIZED_KINDS:
             continue
+        w = kind.matrix(module)
         dense = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
-                          dtype=dtype, device=module.bias.device if module.bias is not None else "cpu")
-        dense.weight.copy_(kind.matrix(module).to(dtype))
+                          dtype=dtype, device=w.device)
+        dense.weight.copy_(w)
         if module.bias is not None:
             dense.bias.copy_(module.bias.to(dtype))
         dense.requires_grad_(False)
