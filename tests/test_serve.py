@@ -1,0 +1,299 @@
+"""`lorakit serve` as a real server process on loopback, driven by real clients (httpx, openai).
+
+Oracle: the same saved base with one adapter loaded by lorakit.load_adapter, greedy-decoded by
+transformers' generate() one prompt at a time. The server must give exactly that text for every
+request while it batches requests for different adapters together, evicts adapters (capacity 2
+for 4 adapters), and loads and unloads adapters at run time.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorakit as lk
+from tiny import tiny_bert, tiny_llama
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+
+ADAPTERS = {"alpha": (2, ["q_proj", "v_proj"]), "beta": (4, "all-linear"), "gamma": (8, ["o_proj", "up_proj", "embed_tokens"])}
+PROMPTS = ["hello world", "lorakit serves", "a", "many adapters on one base", "xyz xyz"]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built offline: ids 0-255 are bytes, 256 </s>, 257 <pad>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    vocab = {chr(c): b for b, c in zip(bs, cs)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    assert fast.eos_token_id == 256 and fast.pad_token_id == 257
+    return fast
+
+
+def llama():
+    return tiny_llama(vocab_size=258, max_position_embeddings=48, initializer_range=0.3, bos_token_id=None,
+                      eos_token_id=256, pad_token_id=257, tie_word_embeddings=False)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(model_dir, adapters_dir, max_resident):
+    port = free_port()
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-c", "import sys; from lorakit.cli import main; sys.exit(main())", "serve", "--model", str(model_dir), "--adapters", str(adapters_dir),
+           "--max-resident", str(max_resident), "--port", str(port), "--threads", "1", "--log-level", "warning",
+           "--wait-ms", "20"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+def stop(proc):
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    model_dir, adapters = root / "base", root / "adapters"
+    base = llama()
+    base.save_pretrained(model_dir)
+    tok = byte_tokenizer()
+    tok.save_pretrained(model_dir)
+    for i, (name, (r, targets)) in enumerate({**ADAPTERS, "delta": (3, ["k_proj", "gate_proj"])}.items()):
+        m = llama()
+        lk.inject(m, lk.LoraConfig(r=r, alpha=2 * r, targets=targets, init=False), name)
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in lk.adapter_parameters(m, name):
+                p.normal_(0, 0.4)
+        lk.save_adapter(m, (adapters / "later" / name) if name == "delta" else (adapters / name), name)
+    outside = root / "outside" / "evil"
+    lk.save_adapter(m, outside, "delta")
+    proc, url = start(model_dir, adapters, max_resident=2)
+    yield {"url": url, "model_dir": model_dir, "adapters": adapters, "tok": tok, "outside": outside}
+    stop(proc)
+
+
+_expected: dict = {}
+
+
+def expected(lm, adapter, prompt, n, chat=False):
+    """Greedy text from transformers' generate() with that adapter alone (no batching, no padding)."""
+    key = (adapter, prompt, n, chat)
+    if key not in _expected:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(lm["model_dir"]).eval()
+        if adapter is not None:
+            path = lm["adapters"] / ("later/delta" if adapter == "delta" else adapter)
+            lk.load_adapter(model, path, adapter)
+        tok = lm["tok"]
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                       add_generation_prompt=True) if chat else prompt
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                                 eos_token_id=256, pad_token_id=257)
+        _expected[key] = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    return _expected[key]
+
+
+def complete(url, model, prompt, n=6):
+    r = httpx.post(url + "/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": n, "temperature": 0},
+                   timeout=60)
+    return r
+
+
+def test_models_health_metrics(lm):
+    url = lm["url"]
+    ids = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    assert ids == [str(lm["model_dir"]), "alpha", "beta", "gamma"]
+    assert httpx.get(url + "/health").json()["status"] == "ok"
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+    assert [m.id for m in client.models.list()] == ids
+
+
+def test_concurrent_mixed_adapters_match_single_adapter_model(lm):
+    url, base = lm["url"], str(lm["model_dir"])
+    jobs = [(m, p) for p in PROMPTS for m in ["alpha", "beta", "gamma", base]]
+    want = {(m, p): expected(lm, None if m == base else m, p, 6) for m, p in jobs}
+    assert len(set(want.values())) > len(PROMPTS)  # the adapters do change the answers
+    with ThreadPoolExecutor(12) as ex:
+        got = list(ex.map(lambda j: complete(url, *j), jobs * 2))
+    for (m, p), r in zip(jobs * 2, got):
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"] == m and body["object"] == "text_completion"
+        assert body["choices"][0]["text"] == want[(m, p)], (m, p)
+    metrics = httpx.get(url + "/metrics").text
+    assert 'lorakit_requests_total{route="/v1/completions",code="200"}' in metrics
+    batches = float(next(l.split()[-1] for l in metrics.splitlines() if l.startswith("lorakit_batches_total")))
+    assert batches < len(jobs) * 2  # requests were batched together
+    assert float(next(l.split()[-1] for l in metrics.splitlines() if l.startswith("lorakit_adapter_evictions_total"))) > 0
+
+
+def test_openai_client_completions_chat_and_streaming(lm):
+    client = openai.OpenAI(base_url=lm["url"] + "/v1", api_key="none")
+    out = client.completions.create(model="beta", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    assert out.choices[0].text == expected(lm, "beta", PROMPTS[0], 6)
+    chunks = list(client.completions.create(model="gamma", prompt=PROMPTS[1], max_tokens=6, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected(lm, "gamma", PROMPTS[1], 6)
+    chat = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                          temperature=0)
+    assert chat.choices[0].message.content == expected(lm, "alpha", "hi", 5, chat=True)
+    stream = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "hi"}], max_tokens=5,
+                                            temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == expected(lm, "alpha", "hi", 5, chat=True)
+    sampled = client.completions.create(model="beta", prompt="abc", max_tokens=4, temperature=0.8, seed=1)
+    assert sampled.usage.completion_tokens <= 4
+
+
+def test_bad_requests_get_4xx_json_and_server_keeps_serving(lm):
+    url = lm["url"]
+    client = openai.OpenAI(base_url=url + "/v1", api_key="none")
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    cases = [
+        httpx.post(url + "/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
+        httpx.post(url + "/v1/completions", json={"model": "alpha", "prompt": "x" * 60, "max_tokens": 2}),
+        httpx.post(url + "/v1/completions", json={"model": "alpha", "prompt": "x", "max_tokens": 100}),
+        httpx.post(url + "/v1/completions", json={"model": "alpha"}),
+        httpx.post(url + "/v1/adapters", json={"name": "evil", "path": str(lm["outside"])}),
+        httpx.post(url + "/v1/adapters", json={"name": "evil", "path": "../outside/evil"}),
+        httpx.post(url + "/v1/classify", json={"model": "alpha", "input": "x"}),
+        httpx.delete(url + "/v1/adapters/nope"),
+    ]
+    for r in cases:
+        assert 400 <= r.status_code < 500, r.text
+        assert "message" in r.json()["error"]
+    assert "too many tokens" in cases[1].json()["error"]["message"]
+    assert "outside" in cases[4].json()["error"]["message"]
+    # a failed load never replaces a working adapter of the same name
+    broken = lm["adapters"] / "later" / "broken"
+    broken.mkdir(parents=True, exist_ok=True)
+    (broken / "adapter_config.json").write_text((lm["adapters"] / "alpha" / "adapter_config.json").read_text())
+    (broken / "adapter_model.safetensors").write_bytes(b"garbage")
+    r = httpx.post(url + "/v1/adapters", json={"name": "alpha", "path": "later/broken", "replace": True})
+    assert r.status_code == 400 and "safetensors" in r.json()["error"]["message"]
+    assert httpx.post(url + "/v1/adapters", json={"name": "alpha", "path": "beta"}).status_code == 409
+    r = complete(url, "alpha", PROMPTS[0])
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected(lm, "alpha", PROMPTS[0], 6)
+
+
+def test_load_and_unload_while_requests_run(lm):
+    url = lm["url"]
+    stop_flag, results = threading.Event(), []
+
+    def hammer(model, prompt):
+        while not stop_flag.is_set():
+            r = complete(url, model, prompt, 4)
+            results.append((model, prompt, r.status_code, r.json()))
+
+    threads = [threading.Thread(target=hammer, args=a) for a in [("alpha", PROMPTS[2]), ("beta", PROMPTS[3]), ("gamma", PROMPTS[4])]]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.3)
+        r = httpx.post(url + "/v1/adapters", json={"name": "delta", "path": "later/delta"}, timeout=60)
+        assert r.status_code == 200, r.text
+        r = complete(url, "delta", PROMPTS[0], 4)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected(lm, "delta", PROMPTS[0], 4)
+        assert httpx.delete(url + "/v1/adapters/delta").status_code == 200
+        assert complete(url, "delta", PROMPTS[0], 4).status_code == 404
+        time.sleep(0.2)
+        assert httpx.delete(url + "/v1/adapters/gamma").status_code == 200  # while gamma requests run
+        time.sleep(0.3)
+    finally:
+        stop_flag.set()
+        for t in threads:
+            t.join()
+    assert len(results) > 6
+    gamma_after = False
+    for model, prompt, code, body in results:
+        if model == "gamma" and code == 404:
+            gamma_after = True
+            continue
+        assert code == 200, body
+        assert not (model == "gamma" and gamma_after), "gamma answered after its unload was seen"
+        assert body["choices"][0]["text"] == expected(lm, model, prompt, 4), (model, prompt)
+    assert gamma_after
+    ids = [m["id"] for m in httpx.get(url + "/v1/models").json()["data"]]
+    assert "gamma" not in ids and "delta" not in ids
+    # bring gamma back for anyone after us
+    assert httpx.post(url + "/v1/adapters", json={"name": "gamma", "path": "gamma"}).status_code == 200
+
+
+def test_classify_server(tmp_path):
+    model_dir, adapters = tmp_path / "bert", tmp_path / "adapters"
+    tiny_bert(num_labels=3, vocab_size=258).save_pretrained(model_dir)
+    tok = byte_tokenizer()
+    tok.save_pretrained(model_dir)
+    for i, name in enumerate(["pos", "neg"]):
+        m = tiny_bert(num_labels=3, vocab_size=258)
+        lk.inject(m, lk.LoraConfig(r=4, alpha=8, targets=["query", "value"], modules_to_save=["classifier"], init=False), name)
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for p in lk.adapter_parameters(m, name):
+                p.normal_(0, 0.4)
+        lk.save_adapter(m, adapters / name, name)
+    proc, url = start(model_dir, adapters, max_resident=2)
+    try:
+        texts = ["good", "bad movie", "ok"]
+        jobs = [(n, t) for t in texts for n in ["pos", "neg", str(model_dir)]]
+        with ThreadPoolExecutor(6) as ex:
+            got = list(ex.map(lambda j: httpx.post(url + "/v1/classify", json={"model": j[0], "input": j[1]}, timeout=60), jobs))
+        from transformers import AutoModelForSequenceClassification
+
+        for (n, t), r in zip(jobs, got):
+            assert r.status_code == 200, r.text
+            m = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+            if n != str(model_dir):
+                lk.load_adapter(m, adapters / n, n)
+            with torch.no_grad():
+                want = m(**tok(t, return_tensors="pt")).logits.softmax(-1)[0]
+            torch.testing.assert_close(torch.tensor(r.json()["data"][0]["probs"]), want, atol=1e-5, rtol=1e-4)
+        r = httpx.post(url + "/v1/completions", json={"model": "pos", "prompt": "x"})
+        assert r.status_code == 400
+    finally:
+        stop(proc)
