@@ -18,7 +18,7 @@ import bitsandbytes.functional as bnbF  # noqa: E402
 import lorakit as lk  # noqa: E402
 from lorakit import quant  # noqa: E402
 from lorakit.kinds import LINEAR, kind_of  # noqa: E402
-from tiny import tiny_llama  # noqa: E402
+from tiny import tiny_bert, tiny_llama  # noqa: E402
 
 # bitsandbytes/torchao want dims that are multiples of 64 (4-bit blocks, CPU kernels)
 SIZES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
@@ -213,3 +213,28 @@ def test_kinds_and_errors(base_dir):
         quant.load_quantized(base_dir, "int3")
     nf4 = _load(base_dir, "nf4")
     assert quant.model_bytes(nf4) < 0.5 * quant.model_bytes(tiny_llama(**SIZES))
+
+
+def test_classifier_head_stays_dense_and_round_trips(tmp_path, tokens):
+    from transformers import AutoModelForSequenceClassification
+
+    tiny_bert(hidden_size=64, intermediate_size=128).save_pretrained(tmp_path / "base")
+    load = lambda: quant.load_quantized(tmp_path / "base", "nf4", model_class=AutoModelForSequenceClassification)  # noqa: E731
+    model = load()
+    assert type(model.classifier) is torch.nn.Linear and quant.is_quantized(model.bert.encoder.layer[0].attention.self.query)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, targets=["query", "value"], modules_to_save=["classifier"],
+                                   task_type="SEQ_CLS"))
+    opt = torch.optim.AdamW(lk.adapter_parameters(model), lr=1e-2)
+    model.train()
+    for _ in range(3):
+        loss = model(tokens, labels=torch.tensor([0, 1, 2])).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        ours = model(tokens).logits
+    lk.save_adapter(model, tmp_path / "a")
+    again = lk.load_adapter(load(), tmp_path / "a").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(tokens).logits, ours, atol=1e-5, rtol=1e-5)

@@ -28,7 +28,7 @@ Merging, two ways (pick by what you need):
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -191,10 +191,16 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 # ---- loading and exporting -------------------------------------------------------------------------
+# Task heads stay dense: small, often tied to the embeddings or freshly initialised and trained.
+HEADS = ("lm_head", "classifier", "score")
+
+
 def load_quantized(path: str | os.PathLike, quantize: str = "nf4", *, dtype: torch.dtype = torch.float32,
                    double_quant: bool = False, model_class: Any = None, device: str = "cpu",
-                   cpu_bf16_kernel: bool = False, **kwargs: Any) -> nn.Module:
-    """A transformers model from `path` with its linear layers quantized (the output head stays dense).
+                   skip: Sequence[str] = HEADS, cpu_bf16_kernel: bool = False, **kwargs: Any) -> Any:
+    """A transformers model from `path` with its linear layers quantized, but the modules named in
+    `skip` (names or dotted-path suffixes; by default the task heads). Extra kwargs go to
+    `from_pretrained` (with output_loading_info=True the (model, info) pair comes back).
 
     quantize: "nf4" / "fp4" (bitsandbytes 4-bit, computing in `dtype`), "int8" (bitsandbytes
     LLM.int8), "int8-wo" (torchao int8 weight-only). Works on CPU. `dtype` is the precision of
@@ -219,30 +225,33 @@ def load_quantized(path: str | os.PathLike, quantize: str = "nf4", *, dtype: tor
 
     cls = model_class or AutoModelForCausalLM
     if quantize == "int8-wo":
-        model = cls.from_pretrained(path, dtype=dtype, device_map=device, **kwargs)
-        quantize_int8_wo(model)
-        return model
+        out = cls.from_pretrained(path, dtype=dtype, device_map=device, **kwargs)
+        quantize_int8_wo(out[0] if isinstance(out, tuple) else out, skip)
+        return out
     if quantize == "int8":
-        qc = BitsAndBytesConfig(load_in_8bit=True)
+        qc = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=list(skip))
     else:
         qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_compute_dtype=dtype,
-                                bnb_4bit_use_double_quant=double_quant)
-    model = cls.from_pretrained(path, quantization_config=qc, dtype=dtype, device_map=device, **kwargs)
+                                bnb_4bit_use_double_quant=double_quant, llm_int8_skip_modules=list(skip))
+    out = cls.from_pretrained(path, quantization_config=qc, dtype=dtype, device_map=device, **kwargs)
     if not cpu_bf16_kernel:
-        for module in model.modules():
+        for module in (out[0] if isinstance(out, tuple) else out).modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
-    return model
+    return out
 
 
-def quantize_int8_wo(model: nn.Module) -> nn.Module:
-    """torchao int8 weight-only quantization of every nn.Linear but the output head, in place."""
+def quantize_int8_wo(model: nn.Module, skip: Sequence[str] = HEADS) -> nn.Module:
+    """torchao int8 weight-only quantization of every nn.Linear but the output head and `skip`, in place."""
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False),
-              filter_fn=lambda m, fqn: type(m) is nn.Linear and m is not head)
+
+    def wanted(m: nn.Module, fqn: str) -> bool:
+        return type(m) is nn.Linear and m is not head and not any(fqn == s or fqn.endswith("." + s) for s in skip)
+
+    quantize_(model, Int8WeightOnlyConfig(set_inductor_config=False), filter_fn=wanted)
     return model
 
 
