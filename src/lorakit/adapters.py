@@ -12,6 +12,9 @@ from .layer import lora_layers, require_state, saved_modules, state_of
 
 
 def _check_unmerged(model: nn.Module, doing: str) -> None:
+    state = state_of(model)
+    if state is None or not state.n_merged:
+        return
     merged = sorted({n for _, layer in lora_layers(model) for n in layer.merged})
     if merged:
         raise LoraError(f"cannot {doing} while adapters {merged} are merged: unmerge(model) first")
@@ -28,7 +31,7 @@ def set_adapter(model: nn.Module, name: str | Sequence[str] | None) -> None:
     for n in names:
         if n not in state.configs:
             raise LoraError(f"no adapter named {n!r}; adapters: {list(state.configs)}")
-    if names != state.active and any(layer.merged for _, layer in lora_layers(model)):
+    if names != state.active and state.n_merged:
         _check_unmerged(model, "switch adapters")
     state.active = names
 
@@ -50,8 +53,9 @@ def get_config(model: nn.Module, name: str):
     return state.configs[name]
 
 
-def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter `name` everywhere. Layers left with no adapter are unwrapped again."""
+def delete_adapter(model: nn.Module, name: str, *, unwrap: bool = True) -> None:
+    """Remove adapter `name` everywhere. Layers left with no adapter are unwrapped again
+    (unwrap=False keeps the wrappers, e.g. when another adapter is about to take the place)."""
     from .inject import _replace
 
     state = require_state(model)
@@ -63,12 +67,12 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             raise LoraError(f"adapter {name!r} is merged into {path}: unmerge(model) first")
     for path, layer in layers:
         layer.remove(name)
-        if not layer.lora_A:
+        if unwrap and not layer.lora_A:
             _replace(model, path, layer.base_layer)
     for path, mod in saved_modules(model):
         if name in mod.modules_to_save:
             del mod.modules_to_save[name]
-        if not len(mod.modules_to_save):
+        if unwrap and not len(mod.modules_to_save):
             _replace(model, path, mod.original_module)
     del state.configs[name]
     state.active = tuple(n for n in state.active if n != name)

@@ -126,7 +126,7 @@ class LoraConfig:
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "must be True or False")
         if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(
+            if not isinstance(self.modules_to_save, (list, tuple)) or not all(
                 isinstance(m, str) and m for m in self.modules_to_save
             ):
                 _fail("modules_to_save", self.modules_to_save, "must be a list of module names")
@@ -136,6 +136,24 @@ class LoraConfig:
         if not (self.init is True or self.init is False or self.init in ("default", "gaussian")
                 or changes_base(self.init)):
             _fail("init", self.init, f"must be one of {INIT_METHODS}")
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
+                _fail(name, value, "must be a dict of {module pattern: value}")
+            for key in value:
+                try:
+                    re.compile(key)
+                except re.error as e:
+                    _fail(name, value, f"{key!r} is not a valid pattern ({e})")
+        lp = self.layers_pattern
+        if lp is not None and not (
+            (isinstance(lp, str) and lp) or (isinstance(lp, (list, tuple)) and all(isinstance(x, str) and x for x in lp))
+        ):
+            _fail("layers_pattern", lp, "must be a name or a list of names")
+        if self.task_type is not None and not isinstance(self.task_type, str):
+            _fail("task_type", self.task_type, "must be a string")
+        if self.base_model_name_or_path is not None and not isinstance(self.base_model_name_or_path, str):
+            _fail("base_model_name_or_path", self.base_model_name_or_path, "must be a string")
         for key, val in dict(self.rank_pattern).items():
             if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 _fail("rank_pattern", {key: val}, "ranks must be positive integers")
@@ -145,7 +163,8 @@ class LoraConfig:
         ltt = self.layers_to_transform
         if ltt is not None and not (
             (isinstance(ltt, int) and not isinstance(ltt, bool) and ltt >= 0)
-            or (isinstance(ltt, (list, tuple)) and all(isinstance(i, int) and i >= 0 for i in ltt))
+            or (isinstance(ltt, (list, tuple))
+                and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ltt))
         ):
             _fail("layers_to_transform", ltt, "must be a layer index or a list of layer indices")
         if isinstance(ltt, tuple):

@@ -26,8 +26,11 @@ def init_ab(A: Tensor, B: Tensor, method: bool | str = True) -> None:
     """Initialise in place so the adapted model starts equal to the base (B = 0).
 
     method True/"default": A ~ kaiming-uniform(a=sqrt(5)) as nn.Linear and PEFT do;
-    "gaussian": A ~ N(0, 1/r); False: A and B random (non-zero delta; for tests and debugging).
+    "gaussian": A ~ N(0, 1/r); False: A and B random (non-zero delta; for tests and debugging);
+    None: untouched (the caller is about to copy weights in).
     """
+    if method is None:  # the caller fills A and B (loading from a file)
+        return
     if method is True or method == "default":
         torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         B.zero_()
@@ -60,7 +63,9 @@ def lora_out(
     convolution); it yields r channels at `channel_dim`, which B (out x r) mixes into `out`.
     Computed in the adapter's dtype (float32 adapters on a bf16 base stay accurate).
     """
-    h = project(x.to(A.dtype), A) * s
+    if x.is_floating_point():
+        x = x.to(A.dtype)
+    h = project(x, A) * s
     if channel_dim == -1:
         return F.linear(h, B)
     return F.linear(h.movedim(channel_dim, -1), B).movedim(-1, channel_dim)

@@ -10,7 +10,7 @@ from torch import nn
 from . import kinds
 from .config import ALL_LINEAR, LoraConfig, matches
 from .errors import LoraError, TargetError
-from .layer import LoraLayer, LoraState, ModulesToSave, lora_layers, require_state, saved_modules, state_of
+from .layer import LoraLayer, LoraState, ModulesToSave, lora_layers, require_state, saved_modules, state_of, walk
 
 # transformers model_type -> default targets when LoraConfig.targets is None (as PEFT's table).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -51,16 +51,10 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> LoraConfig:
 
 def _candidates(model: nn.Module):
     """(path, base module) for every module a LoRA layer could sit on, skipping wrapper internals."""
-    skip: list[str] = []
-    for path, module in model.named_modules():
-        if not path or any(path.startswith(s) for s in skip):
-            continue
+    for path, module in walk(model):
         if isinstance(module, LoraLayer):
-            skip.append(path + ".")
             yield path, module.base_layer
-        elif isinstance(module, ModulesToSave):
-            skip.append(path + ".")
-        else:
+        elif not isinstance(module, ModulesToSave):
             yield path, module
 
 
@@ -139,12 +133,11 @@ def _save_module(model: nn.Module, path: str, state: LoraState) -> ModulesToSave
 def modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
     if not config.modules_to_save:
         return []
-    out = []
-    for path, module in model.named_modules():
+    out: list[str] = []
+    for path, _ in walk(model):
         if any(path == m or path.endswith("." + m) for m in config.modules_to_save):
-            if isinstance(module, ModulesToSave) or not any(path.startswith(o + ".") for o in out):
+            if not any(path.startswith(o + ".") for o in out):
                 out.append(path)
-    out = [p for p in out if not re.search(r"\.(original_module|modules_to_save)(\.|$)", p)]
     return out
 
 

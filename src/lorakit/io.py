@@ -27,12 +27,12 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from . import dora, kinds
-from .config import LoraConfig
+from .config import LoraConfig, matches
 from .errors import AdapterFileError, LoraError
 from .init import changes_base
-from .inject import (_save_module, _wrap, check_adapter_name, find_targets,
+from .inject import (_save_module, _wrap, adapter_parameters, check_adapter_name, find_targets,
                      modules_to_save_paths)
-from .layer import LoraLayer, ModulesToSave, lora_layers, require_state, saved_modules, state_of
+from .layer import LoraLayer, ModulesToSave, lora_layers, require_state, saved_modules, state_of, walk
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -156,8 +156,15 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Tensor]
     for key, t in tensors.items():
         if t.dtype not in FLOAT_DTYPES:
             raise AdapterFileError(f"{weights}: tensor {key!r} has dtype {t.dtype}; expected a float type")
-        if not torch.isfinite(t).all():
-            raise AdapterFileError(f"{weights}: tensor {key!r} holds NaN or inf values")
+    # cheap screen: a sum is non-finite if any value is (or, rarely, if it overflows: those
+    # tensors get the exact check). 10x faster than isfinite() per tensor, which dominated loading.
+    keys = list(tensors)
+    if keys:
+        sums = torch.stack([tensors[k].sum(dtype=torch.float32) for k in keys])
+        suspects = (~torch.isfinite(sums)).nonzero().flatten().tolist()
+        for key in (keys[i] for i in suspects):
+            if not torch.isfinite(tensors[key]).all():
+                raise AdapterFileError(f"{weights}: tensor {key!r} holds NaN or inf values")
     return config, tensors
 
 
@@ -168,6 +175,7 @@ class _Plan:
     lora: dict[str, tuple[Tensor, Tensor]]  # module path -> (A as r x in, B as out x r)
     saved: dict[str, dict[str, Tensor]]  # modules_to_save path -> its state dict
     biases: dict[str, Tensor]  # parameter name in the wrapped model -> value
+    base_weights: dict[str, Tensor]  # module path -> full base weight (PEFT's save_embedding_layers)
     magnitudes: dict[str, Tensor] = field(default_factory=dict)  # module path -> DoRA magnitude (out,)
 
 
@@ -179,8 +187,9 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sour
     saved_paths = modules_to_save_paths(model, config)
     saved: dict[str, dict[str, Tensor]] = {p: {} for p in saved_paths}
     biases: dict[str, Tensor] = {}
+    base_weights: dict[str, Tensor] = {}
     magnitudes: dict[str, Tensor] = {}
-    modules = dict(model.named_modules())
+    modules = dict(walk(model))
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
             raise AdapterFileError(f"{source}: key {key!r} does not start with {PREFIX!r} (not a PEFT LoRA file)")
@@ -196,6 +205,9 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sour
             continue
         if config.bias != "none" and name.endswith("bias"):
             biases[name] = t
+            continue
+        if name.endswith(".base_layer.weight"):
+            base_weights[name[: -len(".base_layer.weight")]] = t
             continue
         if name.endswith("." + dora.KEY):
             if not config.use_dora:
@@ -262,24 +274,32 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sour
                 raise AdapterFileError(
                     f"{source}: {PREFIX}{path}.{k} has shape {tuple(t.shape)}, but the model's is {tuple(want[k].shape)}"
                 )
-    params = dict(model.named_parameters())
+    params = dict(model.named_parameters()) if biases else {}
     for name, t in biases.items():
         target = _bias_param(params, name)
         if target is None:
             raise AdapterFileError(f"{source}: bias key {PREFIX}{name} names no parameter of this model")
         if tuple(target.shape) != tuple(t.shape):
             raise AdapterFileError(f"{source}: {PREFIX}{name} has shape {tuple(t.shape)}, model's is {tuple(target.shape)}")
+    for path, t in base_weights.items():
+        module = modules.get(path)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if path not in lora or base is None or tuple(base.weight.shape) != tuple(t.shape):
+            raise AdapterFileError(f"{source}: unexpected key {PREFIX}{path}.base_layer.weight of shape {tuple(t.shape)}")
     if not lora and not any(saved.values()):
         raise AdapterFileError(f"{source}: holds no LoRA weights")
-    expected = set(find_targets(model, config)) if config.targets is not None else set(lora)
-    if config.targets is not None and not expected and lora:
-        raise AdapterFileError(
-            f"{source}: config target_modules {config.targets!r} match no module of {type(model).__name__}"
-        )
-    missing = sorted(expected - set(lora))
-    if missing:
-        warnings.warn(f"{source}: config targets {missing[:5]} but the file has no weights for them", stacklevel=3)
-    return _Plan(lora, {p: sd for p, sd in saved.items() if sd}, biases, magnitudes=magnitudes)
+    if config.targets is not None and lora:  # PEFT injects by the config: it must name these layers
+        covered = [p for p in lora if matches(config, p) or (config.targets == "all-linear")]
+        if not covered:
+            raise AdapterFileError(
+                f"{source}: config target_modules {config.targets!r} match none of the file's layers "
+                f"(e.g. {next(iter(lora))!r})"
+            )
+        if len(covered) < len(lora):
+            stray = sorted(set(lora) - set(covered))
+            warnings.warn(f"{source}: layers {stray[:5]} have weights but are not in target_modules; "
+                          "lorakit loads them, PEFT would not", stacklevel=3)
+    return _Plan(lora, {p: sd for p, sd in saved.items() if sd}, biases, base_weights, magnitudes)
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default", *,
@@ -298,10 +318,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     if state is not None and adapter in state.configs and not replace:
         raise LoraError(f"adapter {adapter!r} is already loaded; pass replace=True or another name")
     plan = _plan(model, config, tensors, source)
+    first = state is None or not state.configs
     if state is not None and adapter in state.configs:
         from .adapters import delete_adapter
 
-        delete_adapter(model, adapter)
+        delete_adapter(model, adapter, unwrap=False)
     state = state_of(model, create=True)
     try:
         _apply(model, state, adapter, config, plan)
@@ -313,20 +334,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         raise LoraError(f"{source}: loading failed ({e}); the model was left unchanged") from e
     if activate or (activate is None and not state.active):
         state.active = (adapter,)
-    trainable_ids = {id(p) for p in _own_parameters(model, adapter)} if trainable else set()
-    lora_ids = {id(p) for _, l in lora_layers(model) for d in (l.lora_A, l.lora_B) for p in d.values()}
-    for _, mod in saved_modules(model):
-        lora_ids |= {id(p) for c in mod.modules_to_save.values() for p in c.parameters()}
-    for p in model.parameters():
-        if id(p) not in lora_ids or id(p) in trainable_ids:
-            p.requires_grad_(id(p) in trainable_ids)
+    if first:  # the base is frozen once, when its first adapter arrives (as inject() does)
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for p in adapter_parameters(model, adapter):
+        p.requires_grad_(trainable)
     return model
-
-
-def _own_parameters(model: nn.Module, adapter: str) -> list[nn.Parameter]:
-    from .inject import adapter_parameters
-
-    return adapter_parameters(model, adapter)
 
 
 @torch.no_grad()
@@ -337,9 +350,10 @@ def _apply(model: nn.Module, state, adapter: str, config: LoraConfig, plan: _Pla
         layer = _wrap(model, path, state)
         fan_in_fan_out |= layer.kind.fan_in_fan_out
         layer.add(adapter, A.shape[0], config.alpha_for(path), rslora=config.rslora, dropout=config.dropout,
-                  init=config.init if changes_base(config.init) else True, use_dora=config.use_dora, path=path)
-        layer.lora_A[adapter].copy_(A)
-        layer.lora_B[adapter].copy_(B)
+                  init=config.init, use_dora=config.use_dora, path=path, weights=(A, B))
+        if changes_base(config.init):  # PiSSA/OLoRA re-derived the residual base; A, B come from the file
+            layer.lora_A[adapter].copy_(A)
+            layer.lora_B[adapter].copy_(B)
         if path in plan.magnitudes:
             layer.lora_magnitude_vector[adapter].copy_(plan.magnitudes[path])
     for path, sd in plan.saved.items():
@@ -348,7 +362,13 @@ def _apply(model: nn.Module, state, adapter: str, config: LoraConfig, plan: _Pla
         target = mod.modules_to_save[adapter]
         ref = target.state_dict()
         target.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, strict=True)
-    params = dict(model.named_parameters())
+    for path, t in plan.base_weights.items():
+        w = model.get_submodule(path).base_layer.weight
+        if not torch.equal(w, t.to(w.dtype)):  # PEFT saves whole embeddings; its loader writes them
+            warnings.warn(f"{path}: the adapter carries its own base weight (PEFT save_embedding_layers); "
+                          "writing it into the base model", stacklevel=3)
+            w.copy_(t.to(w.dtype))
+    params = dict(model.named_parameters()) if plan.biases else {}
     for name, t in plan.biases.items():
         p = _bias_param(params, name)
         p.copy_(t.to(p.dtype))

@@ -123,6 +123,10 @@ KINDS: dict[type | str, Kind] = {
 def register(key: type | str, kind: Kind) -> None:
     """Teach lorakit a new base-module type (e.g. a quantized linear)."""
     KINDS[key] = kind
+    _CACHE.clear()
+
+
+_CACHE: dict[tuple[type, type], Kind | None] = {}
 
 
 def kind_of(module: nn.Module) -> Kind | None:
@@ -131,7 +135,16 @@ def kind_of(module: nn.Module) -> Kind | None:
     The weight's class is looked up first: torchao quantizes by swapping an nn.Linear's weight
     for a tensor subclass, so the module's class alone would say "plain linear"."""
     weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-    for cls in (*(type(weight).__mro__ if weight is not None else ()), *type(module).__mro__):
+    key = (type(module), type(weight))
+    if key not in _CACHE:
+        _CACHE[key] = _lookup(key)
+    return _CACHE[key]
+
+
+def _lookup(key: tuple[type, type]) -> Kind | None:
+    module_type, weight_type = key
+    weight_mro = weight_type.__mro__ if weight_type is not type(None) else ()
+    for cls in (*weight_mro, *module_type.__mro__):
         kind = KINDS.get(cls) or KINDS.get(f"{cls.__module__}.{cls.__qualname__}")
         if kind is not None:
             return kind

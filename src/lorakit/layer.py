@@ -30,6 +30,10 @@ class LoraState:
     disabled: bool = False
     rows: list[str | None] | None = None  # per-row adapter names under per_row()
     row_groups: dict[str, Tensor] | None = None  # adapter -> row indices, for per_row()
+    n_merged: int = 0  # (layer, adapter) pairs merged into weights: lets set_adapter check in O(1)
+
+
+_IDENTITY = nn.Identity()  # shared by every adapter without dropout: no module built per adapter
 
 
 class _Wrapper(nn.Module):
@@ -71,12 +75,17 @@ class LoraLayer(_Wrapper):
     # ---- adapters ---------------------------------------------------------------------------
     def add(self, name: str, r: int, alpha: float, *, rslora: bool = False, dropout: float = 0.0,
             init: bool | str = True, dtype: torch.dtype | None = None, use_dora: bool = False,
-            path: str = "") -> None:
+            path: str = "", weights: tuple[Tensor, Tensor] | None = None) -> None:
+        """Add adapter `name`: A (r x in), B (out x r) initialised by `init`, or taken from
+        `weights` (loading: no initialisation work, no copy when dtype and device already fit)."""
         weight = self.weight_tensor()
         dtype = dtype or adapter_dtype(weight)
-        A = torch.empty(r, self.in_features, dtype=dtype, device=weight.device)
-        B = torch.empty(self.out_features, r, dtype=dtype, device=weight.device)
-        core.init_ab(A, B, True if changes_base(init) else init)
+        if weights is not None and not changes_base(init):
+            A, B = (t.to(dtype=dtype, device=weight.device).contiguous() for t in weights)
+        else:
+            A = torch.empty(r, self.in_features, dtype=dtype, device=weight.device)
+            B = torch.empty(self.out_features, r, dtype=dtype, device=weight.device)
+            core.init_ab(A, B, True if changes_base(init) else init)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.scaling[name] = core.scaling(alpha, r, rslora)
@@ -85,7 +94,7 @@ class LoraLayer(_Wrapper):
         if use_dora:
             dora.init_magnitude(self, name)
         use = dropout > 0 and self.kind.uses_dropout
-        self.lora_dropout[name] = nn.Dropout(dropout) if use else nn.Identity()
+        self.lora_dropout[name] = nn.Dropout(dropout) if use else _IDENTITY
 
     def remove(self, name: str) -> None:
         if name in self.merged:
@@ -132,18 +141,10 @@ class LoraLayer(_Wrapper):
         return y
 
     def _per_row(self, x: Tensor, y: Tensor, st: LoraState) -> Tensor:
-        """Reference mixed batch: row i gets st.rows[i]'s adapter (a loop over adapters)."""
-        if x.shape[0] != len(st.rows):
-            raise LoraError(
-                f"per_row was given {len(st.rows)} adapter names but the batch has {x.shape[0]} rows"
-            )
-        for name, idx in st.row_groups.items():
-            if name not in self.lora_A:
-                continue
-            idx = idx.to(x.device)
-            d = self.lora_delta_out(x.index_select(0, idx), name)
-            y = y.index_add(0, idx, d.to(y.dtype))
-        return y
+        """Mixed batch: row i gets st.rows[i]'s adapter, as one grouped matmul (lorakit.batch)."""
+        from .batch import layer_forward
+
+        return layer_forward(self, x, y, st)
 
     def extra_repr(self) -> str:
         ranks = {n: self.rank(n) for n in self.lora_A}
@@ -181,13 +182,9 @@ class ModulesToSave(_Wrapper):
         st = self.state
         if st.row_groups is None or st.disabled:
             return self.current()(x, *args, **kwargs)
-        y = self.original_module(x, *args, **kwargs)
-        for name, idx in st.row_groups.items():
-            if name in self.modules_to_save:
-                idx = idx.to(x.device)
-                rows = self.modules_to_save[name](x.index_select(0, idx), *args, **kwargs)
-                y = y.index_copy(0, idx, rows.to(y.dtype))
-        return y
+        from .batch import saved_forward
+
+        return saved_forward(self, x, args, kwargs, st)
 
 
 def adapter_dtype(weight: Tensor) -> torch.dtype:
@@ -222,9 +219,21 @@ def require_state(model: nn.Module) -> LoraState:
     return st
 
 
+def walk(module: nn.Module, prefix: str = ""):
+    """(path, module) for every module, not descending into lorakit wrappers (whose insides,
+    one container per adapter, would make a full named_modules() grow with the adapter count)."""
+    for name, child in module._modules.items():
+        if child is None:
+            continue
+        path = f"{prefix}.{name}" if prefix else name
+        yield path, child
+        if not isinstance(child, _Wrapper):
+            yield from walk(child, path)
+
+
 def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    return [(n, m) for n, m in walk(model) if isinstance(m, LoraLayer)]
 
 
 def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
+    return [(n, m) for n, m in walk(model) if isinstance(m, ModulesToSave)]

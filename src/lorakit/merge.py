@@ -79,6 +79,7 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None, *, keep_orig
             stored = layer.kind.matrix(layer.base_layer).float()
             worst = max(worst, (stored - exact).abs().max().item())
             layer.merged.append(n)
+            state.n_merged += 1
             count += 1
     return MergeReport(tuple(names), count, worst)
 
@@ -86,10 +87,11 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None, *, keep_orig
 @torch.no_grad()
 def unmerge(model: nn.Module) -> None:
     """Undo every merge, newest first: restore the kept original, or subtract dW in float32."""
-    require_state(model)
+    state = require_state(model)
     for _, layer in lora_layers(model):
         while layer.merged:
             n = layer.merged.pop()
+            state.n_merged -= 1
             original = layer.originals.pop(n, None)
             if original is not None:
                 if layer.kind.write is not None:  # quantized: put the kept weight object back
@@ -120,23 +122,23 @@ def merged_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str,
     names = list(state.active) if adapter is None else [adapter]
     wrappers = dict(lora_layers(model))
     kept = dict(saved_modules(model))
-    out: dict[str, Tensor] = {}
+    weights: dict[str, Tensor] = {}
     for path, layer in wrappers.items():
         if layer.kind.write is not None:
             raise LoraError(
                 f"merged_state_dict: {path} is a {layer.kind.name} layer whose weight is stored quantized; "
                 "call lorakit.quant.dequantize(model) first for a dense export, or merge(model) to requantize in place"
             )
-        w = layer.base_layer.weight
         m = layer.kind.matrix(layer.base_layer).float()
         for n in names:
             if n in layer.lora_A and n not in layer.merged:
                 m = _merge_step(layer, n, m)
-        out[f"{path}.weight"] = _from_matrix(layer, m.to(w.dtype))
+        weights[f"{path}.weight"] = _from_matrix(layer, m.to(layer.base_layer.weight.dtype))
+    out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         plain = _plain_key(key, wrappers, kept, names)
-        if plain is not None and plain not in out:
-            out[plain] = value
+        if plain is not None:
+            out[plain] = weights.get(plain, value)
     return out
 
 

@@ -1,0 +1,164 @@
+"""Training step (forward + backward + AdamW): lorakit vs PEFT vs full fine-tuning.
+
+Time per step (interleaved in one process) and peak memory above the loaded model (each variant
+in a fresh process: RSS high-water mark on the CPU, allocator peak on a GPU). Also the bytes
+autograd saves for backward, counted exactly with saved-tensor hooks (noise-free).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import itertools
+import json
+import warnings
+
+import torch
+
+from benchmarks.common import (PeakMemory, bar_plot, build_model, environment, interleaved, median, run_probe,
+                               targets_for, write_results)
+
+BATCH, SEQ = 4, 128
+
+
+def make_variant(lib: str, base, model_name: str, r: int, targets: str, dropout: float):
+    """('lorakit'|'peft'|'full') -> (model, optimizer) on a copy of `base`."""
+    model = copy.deepcopy(base)
+    tgt = targets_for(model_name, targets)
+    if lib == "lorakit":
+        import lorakit as lk
+
+        lk.inject(model, lk.LoraConfig(r=r, alpha=2 * r, dropout=dropout, targets=tgt))
+        params = lk.adapter_parameters(model)
+    elif lib == "peft":
+        from peft import LoraConfig, get_peft_model
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=tgt))
+        params = [p for p in model.parameters() if p.requires_grad]
+    else:
+        params = list(model.parameters())
+    model.train()
+    return model, torch.optim.AdamW(params, lr=1e-4)
+
+
+def step(model, opt, batch) -> None:
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def saved_bytes(model, batch) -> int:
+    """Bytes of distinct storages autograd keeps for backward in one forward pass."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if isinstance(t, torch.Tensor):
+            try:
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+            except RuntimeError:
+                pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def probe(spec: dict) -> dict:
+    """In a fresh process: peak memory of 3 training steps above the loaded, injected model."""
+    torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    base = build_model(spec["model"], spec["size"], device=device)
+    model, opt = make_variant(spec["lib"], base, spec["model"], spec["r"], spec["targets"], spec["dropout"])
+    del base
+    batch = torch.randint(0, 16000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)).to(device)
+    with PeakMemory(device) as mem:
+        for _ in range(3):
+            step(model, opt, batch)
+    return {"peak_bytes": mem.peak}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--probe", help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--size", default=None, help="small (4 layers, CPU default) or full (~100M, GPU default)")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--quick", action="store_true", help="llama only, r=8: a fast look")
+    ap.add_argument("--no-memory", action="store_true")
+    args = ap.parse_args(argv)
+    if args.probe:
+        print(json.dumps(probe(json.loads(args.probe))))
+        return
+    torch.set_num_threads(args.threads)
+    size = args.size or ("full" if args.device.startswith("cuda") else "small")
+    models = ["llama"] if args.quick else ["llama", "gpt2"]
+    ranks = [8] if args.quick else [8, 16]
+    rows, raw = [], []
+    for model_name in models:
+        base = build_model(model_name, size, device=args.device)
+        batch = torch.randint(0, 16000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)).to(args.device)
+        full = make_variant("full", base, model_name, 8, "attention", 0.0)
+        for r, targets, dropout in itertools.product(ranks, ["attention", "all-linear"], [0.0, 0.05]):
+            ours = make_variant("lorakit", base, model_name, r, targets, dropout)
+            theirs = make_variant("peft", base, model_name, r, targets, dropout)
+            fns = {"lorakit": lambda: step(*ours, batch), "peft": lambda: step(*theirs, batch)}
+            if not raw or raw[-1]["model"] != model_name:
+                fns["full"] = lambda: step(*full, batch)
+            t = interleaved(fns, args.reps, warmup=1, device=args.device)
+            if "full" in t:
+                full_time = median(t["full"])
+            row = {"model": model_name, "r": r, "targets": targets, "dropout": dropout,
+                   "lorakit_s": median(t["lorakit"]), "peft_s": median(t["peft"]), "full_s": full_time}
+            row["time_vs_peft"] = row["lorakit_s"] / row["peft_s"]
+            row["peft_vs_full"] = row["peft_s"] / full_time
+            row["lorakit_vs_full"] = row["lorakit_s"] / full_time
+            row["saved_MB_lorakit"] = saved_bytes(ours[0], batch) / 2**20
+            row["saved_MB_peft"] = saved_bytes(theirs[0], batch) / 2**20
+            if not args.no_memory:
+                spec = dict(model=model_name, size=size, r=r, targets=targets, dropout=dropout,
+                            threads=args.threads, device=args.device)
+                mem = {lib: run_probe("benchmarks.bench_train", dict(spec, lib=lib), args.threads)["peak_bytes"]
+                       for lib in ("lorakit", "peft")}
+                row["peak_MB_lorakit"] = mem["lorakit"] / 2**20
+                row["peak_MB_peft"] = mem["peft"] / 2**20
+                row["mem_vs_peft"] = mem["lorakit"] / max(mem["peft"], 1)
+            raw.append({**row, "times": t})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del ours, theirs
+        if not args.no_memory:
+            fm = run_probe("benchmarks.bench_train", dict(model=model_name, size=size, r=8, targets="attention",
+                                                          dropout=0.0, threads=args.threads, device=args.device,
+                                                          lib="full"), args.threads)["peak_bytes"]
+            for row in rows:
+                if row["model"] == model_name:
+                    row["peak_MB_full"] = fm / 2**20
+        del full, base
+    goals = {
+        "time_vs_peft<=0.9 (dropout 0)": all(r["time_vs_peft"] <= 0.9 for r in rows if r["dropout"] == 0),
+        "time_vs_peft<=0.85 (dropout>0)": all(r["time_vs_peft"] <= 0.85 for r in rows if r["dropout"] > 0),
+    }
+    if not args.no_memory:
+        goals["mem<=peft (dropout 0)"] = all(r["mem_vs_peft"] <= 1.0 for r in rows if r["dropout"] == 0)
+        goals["mem<=0.8x peft (dropout>0)"] = all(r["mem_vs_peft"] <= 0.8 for r in rows if r["dropout"] > 0)
+    suffix = "" if args.device == "cpu" else "_gpu"
+    payload = {"environment": environment(args.device, args.threads), "size": size, "batch": [BATCH, SEQ],
+               "rows": raw, "goals": goals}
+    stem = write_results("train_step", payload, rows, suffix)
+    labels = [f"{r['model']} r{r['r']} {r['targets'][:4]} p{r['dropout']}" for r in rows]
+    bar_plot(stem.with_suffix(".png"), labels, {"lorakit / PEFT time": [r["time_vs_peft"] for r in rows],
+                                               "lorakit / full FT time": [r["lorakit_vs_full"] for r in rows]},
+             f"training step time ratios ({args.device}, {args.threads} threads)", "ratio", hline=1.0)
+    print(json.dumps(goals))
+
+
+if __name__ == "__main__":
+    main()
