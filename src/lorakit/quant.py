@@ -31,7 +31,6 @@ import os
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import kinds
@@ -50,8 +49,7 @@ def _linear_dims(m: nn.Module) -> tuple[int, int]:
     return m.in_features, m.out_features
 
 
-def _project(m: nn.Module, x: Tensor, A: Tensor) -> Tensor:
-    return F.linear(x, A)
+_project = kinds._linear_project  # x meets A by a plain matmul: the fused and batched paths apply
 
 
 # ---- bitsandbytes Linear4bit ---------------------------------------------------------------------
