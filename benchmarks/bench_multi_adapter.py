@@ -1,0 +1,212 @@
+"""Mixed-adapter batches: lorakit's per_row vs one adapter, and vs PEFT's `adapter_names` path.
+
+Llama-like model (4 layers, hidden 768, r=16 on all linear layers), same base weights and same
+adapters in both libraries (copied from lorakit into PEFT, and checked to give the same logits).
+  (a) prefill: a 16 x 128 batch with 1, 4 and 16 distinct adapters; time relative to the same
+      library's single-adapter forward (goal <= 1.03x);
+  (b) decode: one new token for each of 64 rows with a KV cache, 1, 16 and 64 distinct adapters;
+      throughput relative to the single-adapter step (goal >= 0.9x at 64).
+Repetitions are interleaved (every configuration once per round), figures are medians.
+
+    python -m benchmarks.bench_multi_adapter [--device cpu] [--threads 1] [--reps 5]
+Writes benchmarks/results/multi_adapter.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+CACHE = "past_key_values"  # the KV-cache keyword of this transformers version
+
+
+def build(args):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
+                      num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512)
+    return LlamaForCausalLM(cfg).to(args.device, getattr(torch, args.dtype)).eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--n-adapters", type=int, default=64)
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    import copy
+
+    import peft
+    from tqdm import tqdm
+
+    import lorakit as lk
+
+    model = build(args)
+    global CACHE
+    import inspect
+
+    CACHE = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    pmodel = copy.deepcopy(model)
+    names = [f"a{i}" for i in range(args.n_adapters)]
+    cfg = lk.LoraConfig(r=16, alpha=32, targets="all-linear", init=False)
+    for n in tqdm(names, desc="adapters", leave=False):
+        lk.inject(model, cfg, n)
+    for p_ in model.parameters():
+        p_.requires_grad_(False)
+    pcfg = peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
+    pmodel = peft.get_peft_model(pmodel, pcfg, adapter_name=names[0])
+    for n in names[1:]:
+        pmodel.add_adapter(n, pcfg)
+    from peft import set_peft_model_state_dict
+
+    for n in names:
+        sd = {k: v.to(args.device) for k, v in lk.adapter_state_dict(model, n).items()}
+        set_peft_model_state_dict(pmodel, sd, adapter_name=n)
+    pmodel.eval()
+
+    g = torch.Generator().manual_seed(0)
+    prefill_x = torch.randint(0, args.vocab, (16, 128), generator=g).to(args.device)
+    prompt = torch.randint(0, args.vocab, (64, 32), generator=g).to(args.device)
+    step_tok = torch.randint(0, args.vocab, (64, 1), generator=g).to(args.device)
+
+    with torch.inference_mode():  # the two libraries agree on a mixed batch
+        check_names = [names[i % 4] for i in range(4)]
+        with lk.per_row(model, check_names):
+            a = model(prefill_x[:4, :16]).logits
+        b = pmodel(input_ids=prefill_x[:4, :16], adapter_names=check_names).logits
+        agree = (a - b).abs().max().item()
+
+        lk_cache = model(prompt, use_cache=True).past_key_values
+        lk.set_adapter(model, names[0])
+        pmodel.set_adapter(names[0])
+        pk_cache = pmodel(input_ids=prompt, use_cache=True).past_key_values
+        L = prompt.shape[1]
+
+        def lk_single(x, cache=None):
+            lk.set_adapter(model, names[0])
+            return model(x, **{CACHE: cache}, use_cache=cache is not None, logits_to_keep=1)
+
+        def lk_mixed(k):
+            rows_names = lambda rows: [names[i % k] for i in range(rows)]  # noqa: E731
+
+            def f(x, cache=None):
+                with lk.per_row(model, rows_names(x.shape[0])):
+                    return model(x, **{CACHE: cache}, use_cache=cache is not None, logits_to_keep=1)
+            return f
+
+        def pk_single(x, cache=None):
+            return pmodel(input_ids=x, **{CACHE: cache}, use_cache=cache is not None, logits_to_keep=1)
+
+        def pk_mixed(k):
+            def f(x, cache=None):
+                return pmodel(input_ids=x, **{CACHE: cache}, use_cache=cache is not None, logits_to_keep=1,
+                              adapter_names=[names[i % k] for i in range(x.shape[0])])
+            return f
+
+        cases = []
+        for lib, single, mixed, cache in (("lorakit", lk_single, lk_mixed, lk_cache), ("peft", pk_single, pk_mixed, pk_cache)):
+            cases.append(("prefill", lib, "single", single, None))
+            for k in (1, 4, 16):
+                cases.append(("prefill", lib, k, mixed(k), None))
+            cases.append(("decode", lib, "single", single, cache))
+            for k in (1, 16, 64):
+                if k <= args.n_adapters:
+                    cases.append(("decode", lib, k, mixed(k), cache))
+        times: dict[tuple, list[float]] = {c[:3]: [] for c in cases}
+        for _ in tqdm(range(args.reps), desc="rounds"):
+            for phase, lib, k, fn, cache in cases:
+                x = prefill_x if phase == "prefill" else step_tok
+                sync(args.device)
+                t = time.perf_counter()
+                fn(x, cache)
+                sync(args.device)
+                times[(phase, lib, k)].append(time.perf_counter() - t)
+                if cache is not None and cache.get_seq_length() > L:
+                    cache.crop(L - cache.get_seq_length())  # drop the new token: same context every round
+
+    med = {key: statistics.median(v) for key, v in times.items()}
+    rows = []
+    for (phase, lib, k), m in med.items():
+        if k == "single":
+            continue
+        single = med[(phase, lib, "single")]
+        ratio = m / single if phase == "prefill" else single / m
+        rows.append({"phase": phase, "library": lib, "distinct_adapters": k, "median_s": m, "single_median_s": single,
+                     "ratio": ratio, "ratio_kind": "time vs single" if phase == "prefill" else "throughput vs single"})
+    result = {
+        "config": {"layers": 4, "hidden": 768, "intermediate": 2048, "heads": 12, "vocab": args.vocab, "r": 16,
+                   "targets": "all-linear", "adapters_loaded": args.n_adapters, "prefill_batch": [16, 128],
+                   "decode_rows": 64, "decode_context": L, "logits_to_keep": 1, "dtype": args.dtype,
+                   "device": args.device, "torch_threads": torch.get_num_threads(), "reps": args.reps,
+                   "rows_to_adapters": "row i -> adapter i % k (interleaved)"},
+        "versions": {"torch": torch.__version__, "peft": peft.__version__, "python": platform.python_version()},
+        "machine": platform.processor() or platform.machine(),
+        "lorakit_vs_peft_max_abs_logit_diff": agree,
+        "goals": {"prefill_16_time_ratio_max": 1.03, "decode_64_throughput_ratio_min": 0.9},
+        "results": rows,
+        "raw_seconds": {f"{a}/{b}/{c}": v for (a, b, c), v in times.items()},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "multi_adapter.json").write_text(json.dumps(result, indent=2))
+    md = [f"# Mixed-adapter batches ({args.device}, {args.dtype}, {torch.get_num_threads()} thread(s), medians of {args.reps} interleaved rounds)", "",
+          "Llama-like: 4 layers, hidden 768, intermediate 2048, vocab %d, r=16 all-linear, %d adapters loaded; row i uses adapter i %% k."
+          % (args.vocab, args.n_adapters), f"lorakit and PEFT agree on a mixed batch to {agree:.1e} (max abs logit).", "",
+          "| phase | distinct adapters | lorakit | PEFT adapter_names | goal |", "|---|---|---|---|---|"]
+    for phase, ks, goal in (("prefill", (1, 4, 16), "<= 1.03x time at 16"), ("decode", (1, 16, 64), ">= 0.9x throughput at 64")):
+        for k in ks:
+            r = {x["library"]: x for x in rows if x["phase"] == phase and x["distinct_adapters"] == k}
+            if not r:
+                continue
+            kind = "time" if phase == "prefill" else "throughput"
+            md.append(f"| {phase} | {k} | {r['lorakit']['ratio']:.3f}x {kind} ({r['lorakit']['median_s']*1e3:.1f} ms) "
+                      f"| {r['peft']['ratio']:.3f}x ({r['peft']['median_s']*1e3:.1f} ms) | {goal} |")
+    md.append("")
+    md.append("Single-adapter medians: " + ", ".join(f"{ph}/{lib} {med[(ph, lib, 'single')]*1e3:.1f} ms"
+                                                   for ph in ("prefill", "decode") for lib in ("lorakit", "peft")))
+    (out / "multi_adapter.md").write_text("\n".join(md) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for ax, phase, goal, label in ((axes[0], "prefill", 1.03, "time / single-adapter time (lower is better)"),
+                                       (axes[1], "decode", 0.9, "throughput / single-adapter (higher is better)")):
+            for lib, color in (("lorakit", "tab:blue"), ("peft", "tab:orange")):
+                pts = sorted((x["distinct_adapters"], x["ratio"]) for x in rows if x["phase"] == phase and x["library"] == lib)
+                ax.plot([a for a, _ in pts], [b for _, b in pts], "o-", color=color, label=lib)
+            ax.axhline(goal, ls="--", color="gray", label=f"goal {goal}")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("distinct adapters in the batch")
+            ax.set_title(f"{phase}: {label}", fontsize=9)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "multi_adapter.png", dpi=120)
+    except ImportError:
+        pass
+    print("\n".join(md))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
