@@ -332,3 +332,49 @@ def test_dropout_is_active_in_training_only(tokens):
     torch.manual_seed(1)
     b = model(tokens).logits
     assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_linear_path_matches_reference_gradients(p):
+    from lorakit import core
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6, dtype=torch.double, requires_grad=True)
+    y = torch.randn(3, 4, 5, dtype=torch.double, requires_grad=True)
+    A = torch.randn(2, 6, dtype=torch.double, requires_grad=True)
+    B = torch.randn(5, 2, dtype=torch.double, requires_grad=True)
+
+    def fn(y, x, A, B):  # the same dropout mask on every call
+        torch.manual_seed(7)
+        return core.lora_linear(y, x, A, B, 0.7, p)
+
+    assert torch.autograd.gradcheck(fn, (y, x, A, B))
+    torch.manual_seed(7)
+    dropped = torch.nn.functional.dropout(x.reshape(-1, 6), p, training=True).view(x.shape) if p else x
+    ref = y + 0.7 * dropped @ A.T @ B.T  # the plain formula with the same mask
+    torch.testing.assert_close(fn(y, x, A, B), ref)
+    if p:
+        kept = (dropped != 0).double().mean().item()
+        assert 0.4 < kept < 0.95
+
+
+def test_dropout_keeps_only_a_one_byte_mask_for_backward():
+    """With dropout a layer saves only its keep-mask more (1 byte per input element), not a
+    dropped copy of its input (4 bytes)."""
+    def saved(dropout):
+        model = nn.Sequential(nn.Linear(64, 64))
+        lk.inject(model, lk.LoraConfig(r=4, targets=["0"], dropout=dropout))
+        model.train()
+        x = torch.randn(32, 64, requires_grad=True)
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        out.sum().backward()
+        return sum(seen.values())
+
+    assert saved(0.5) - saved(0.0) == 32 * 64

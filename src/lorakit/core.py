@@ -69,3 +69,59 @@ def lora_out(
     if channel_dim == -1:
         return F.linear(h, B)
     return F.linear(h.movedim(channel_dim, -1), B).movedim(-1, channel_dim)
+
+
+class _LoraLinear(torch.autograd.Function):
+    """y + s * dropout_p(x) @ A.T @ B.T for linear-like layers, as one autograd node.
+
+    Why: the scale multiplies the r-wide h (not the out-wide output), the add is fused into the
+    second matmul (addmm), and with dropout only the 1-byte keep-mask is kept for backward, where
+    dropout(x) is recomputed, instead of dropout(x) itself (4 bytes per input element per adapted
+    layer, what a stock nn.Dropout + nn.Linear chain keeps). Shapes: x (..., in), y (..., out),
+    A (r, in), B (out, r). Math runs in the adapter's dtype; gradients come back in each input's.
+    """
+
+    @staticmethod
+    def forward(ctx, y: Tensor, x: Tensor, A: Tensor, B: Tensor, s: float, p: float) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
+        mask = None
+        if p:
+            x2, mask = torch.native_dropout(x2, p, True)  # the fused kernel F.dropout uses
+        hs = (x2 @ A.t()).mul_(s)
+        y2 = y.reshape(-1, y.shape[-1])
+        if y2.dtype == A.dtype:
+            out = torch.addmm(y2, hs, B.t())
+        else:  # low-precision base, float32 adapter: add once, in the base's dtype
+            out = y2 + (hs @ B.t()).to(y2.dtype)
+        ctx.save_for_backward(x, A, B, hs, mask)
+        ctx.s, ctx.p = s, p
+        return out.view(y.shape)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, A, B, hs, mask = ctx.saved_tensors
+        s, p = ctx.s, ctx.p
+        g2 = g.reshape(-1, g.shape[-1]).to(A.dtype)
+        dB = g2.t() @ hs if ctx.needs_input_grad[3] else None
+        dA = dx = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            dh = (g2 @ B).mul_(s)
+            if ctx.needs_input_grad[2]:
+                x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
+                if p:
+                    x2 = x2 * mask * (1.0 / (1.0 - p))
+                dA = dh.t() @ x2
+            if ctx.needs_input_grad[1]:
+                dx2 = dh @ A
+                if p:
+                    dx2.mul_(mask).mul_(1.0 / (1.0 - p))
+                dx = dx2.view(x.shape).to(x.dtype)
+        return g, dx, dA, dB, None, None
+
+
+def lora_linear(y: Tensor, x: Tensor, A: Tensor, B: Tensor, s: float, p: float = 0.0) -> Tensor:
+    """y + s * B(A(dropout_p(x))) for layers whose input meets A by a plain matmul.
+
+    The same function as `y + lora_out(dropout(x), A, B, s)`, cheaper in time and memory (see
+    _LoraLinear). p > 0 draws a dropout mask from torch's global RNG (pass p=0 in eval mode)."""
+    return _LoraLinear.apply(y, x, A, B, s, p)

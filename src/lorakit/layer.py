@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import core, dora
 from .errors import LoraError
 from .init import changes_base, init_from_base
-from .kinds import Kind
+from .kinds import Kind, _linear_project
 
 
 @dataclass
@@ -137,7 +137,12 @@ class LoraLayer(_Wrapper):
             return self._per_row(x, y, st)
         for name in st.active:
             if name in self.lora_A and name not in self.merged:
-                y = y + self.lora_delta_out(x, name, y).to(y.dtype)
+                if self.kind.project is _linear_project and name not in self.lora_magnitude_vector:
+                    drop = self.lora_dropout[name]
+                    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
+                    y = core.lora_linear(y, x, self.lora_A[name], self.lora_B[name], self.scaling[name], p)
+                else:
+                    y = y + self.lora_delta_out(x, name, y).to(y.dtype)
         return y
 
     def _per_row(self, x: Tensor, y: Tensor, st: LoraState) -> Tensor:
