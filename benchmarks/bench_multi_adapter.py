@@ -165,8 +165,9 @@ def main(argv=None) -> int:
         "raw_seconds": {f"{a}/{b}/{c}": v for (a, b, c), v in times.items()},
     }
     out = Path(args.out)
+    stem = "multi_adapter" if args.device == "cpu" else "multi_adapter_gpu"
     out.mkdir(parents=True, exist_ok=True)
-    (out / "multi_adapter.json").write_text(json.dumps(result, indent=2))
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     md = [f"# Mixed-adapter batches ({args.device}, {args.dtype}, {torch.get_num_threads()} thread(s), medians of {args.reps} interleaved rounds)", "",
           "Llama-like: 4 layers, hidden 768, intermediate 2048, vocab %d, r=16 all-linear, %d adapters loaded; row i uses adapter i %% k."
           % (args.vocab, args.n_adapters), f"lorakit and PEFT agree on a mixed batch to {agree:.1e} (max abs logit).", "",
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
     md.append("")
     md.append("Single-adapter medians: " + ", ".join(f"{ph}/{lib} {med[(ph, lib, 'single')]*1e3:.1f} ms"
                                                    for ph in ("prefill", "decode") for lib in ("lorakit", "peft")))
-    (out / "multi_adapter.md").write_text("\n".join(md) + "\n")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
     try:
         import matplotlib
 
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
             ax.set_title(f"{phase}: {label}", fontsize=9)
             ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "multi_adapter.png", dpi=120)
+        fig.savefig(out / f"{stem}.png", dpi=120)
     except ImportError:
         pass
     print("\n".join(md))

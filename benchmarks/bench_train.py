@@ -70,6 +70,17 @@ def saved_bytes(model, batch) -> int:
     return sum(seen.values())
 
 
+def peak_in_process(lib: str, base, model_name: str, r: int, targets: str, dropout: float, batch, device: str) -> int:
+    """GPU: a fresh variant, peak allocated memory of 2 steps (optimizer state included) above it."""
+    variant = make_variant(lib, base, model_name, r, targets, dropout)
+    with PeakMemory(device) as mem:
+        for _ in range(2):
+            step(*variant, batch)
+    del variant
+    torch.cuda.empty_cache()
+    return mem.peak
+
+
 def probe(spec: dict) -> dict:
     """In a fresh process: peak memory of 3 training steps above the loaded, injected model."""
     torch.set_num_threads(spec["threads"])
@@ -125,8 +136,12 @@ def main(argv=None) -> None:
             if not args.no_memory:
                 spec = dict(model=model_name, size=size, r=r, targets=targets, dropout=dropout,
                             threads=args.threads, device=args.device)
-                mem = {lib: run_probe("benchmarks.bench_train", dict(spec, lib=lib), args.threads)["peak_bytes"]
-                       for lib in ("lorakit", "peft")}
+                if args.device.startswith("cuda"):  # allocator stats are exact in-process
+                    mem = {lib: peak_in_process(lib, base, model_name, r, targets, dropout, batch, args.device)
+                           for lib in ("lorakit", "peft")}
+                else:  # RSS high-water marks need a fresh process each
+                    mem = {lib: run_probe("benchmarks.bench_train", dict(spec, lib=lib), args.threads)["peak_bytes"]
+                           for lib in ("lorakit", "peft")}
                 row["peak_MB_lorakit"] = mem["lorakit"] / 2**20
                 row["peak_MB_peft"] = mem["peft"] / 2**20
                 row["mem_vs_peft"] = mem["lorakit"] / max(mem["peft"], 1)
@@ -134,7 +149,14 @@ def main(argv=None) -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             del ours, theirs
-        if not args.no_memory:
+        if not args.no_memory and args.device.startswith("cuda"):
+            del full
+            fm = peak_in_process("full", base, model_name, 8, "attention", 0.0, batch, args.device)
+            full = None
+            for row in rows:
+                if row["model"] == model_name:
+                    row["peak_MB_full"] = fm / 2**20
+        elif not args.no_memory:
             fm = run_probe("benchmarks.bench_train", dict(model=model_name, size=size, r=8, targets="attention",
                                                           dropout=0.0, threads=args.threads, device=args.device,
                                                           lib="full"), args.threads)["peak_bytes"]
