@@ -1,0 +1,47 @@
+"""`make bench`: every benchmark in turn, each in its own process; figures in benchmarks/results/.
+
+    python -m benchmarks.run [--device cpu|cuda] [--threads N] [--quick] [--only train,infer,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+
+SUITE = {
+    "train": ("benchmarks.bench_train", True),  # (module, takes --quick)
+    "infer": ("benchmarks.bench_infer", True),
+    "adapters": ("benchmarks.bench_adapters", False),
+    "multi_adapter": ("benchmarks.bench_multi_adapter", False),
+    "quant": ("benchmarks.bench_quant", False),
+}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="smaller sweeps where a benchmark offers them")
+    ap.add_argument("--only", default=",".join(SUITE), help=f"comma list of {list(SUITE)}")
+    args = ap.parse_args(argv)
+    failed = []
+    for name in args.only.split(","):
+        module, has_quick = SUITE[name]
+        cmd = [sys.executable, "-m", module, "--device", args.device, "--threads", str(args.threads)]
+        if args.quick and has_quick:
+            cmd.append("--quick")
+        if name == "quant" and args.device != "cpu":
+            continue  # bitsandbytes/torchao CPU kernels: the CPU figures are the ones this measures
+        print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
+        t0 = time.time()
+        if subprocess.run(cmd).returncode != 0:
+            failed.append(name)
+        print(f"== {name}: {time.time() - t0:.0f} s", flush=True)
+    print("failed: " + ", ".join(failed) if failed else "all benchmarks ran; figures in benchmarks/results/")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
