@@ -1,0 +1,417 @@
+"""The training loop behind `lorakit train` and `lorakit.train.train(...)`.
+
+One loop for LoRA, full fine-tuning (`full=True`) and the head-only baseline (`head_only=True`):
+the only difference is which parameters train and what is written at the end, so comparisons
+between them are like for like.
+
+Resuming is exact: the data order of an epoch depends only on (seed, epoch), and a checkpoint
+holds the trainable weights, the optimizer and scheduler states, the RNG states (dropout) and the
+position in the data, so a run killed at any point and resumed computes the same steps, in the
+same order, on the same numbers as an uninterrupted one (bit-identical on CPU).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..io import CONFIG_NAME, WEIGHTS_NAME
+from ..errors import LoraError
+from . import checkpoint, data, metrics
+from .config import TrainConfig
+from .dist import Dist
+
+# which modules are the task head when the loader does not say (already fine-tuned folders)
+HEAD_NAMES = ("classifier", "score")
+
+
+@dataclass
+class TrainResult:
+    """What `train` returns: the output folder, the metrics dict (as in metrics.json) and the
+    trained model and tokenizer, still in memory (for a notebook to keep using)."""
+
+    out: Path
+    metrics: dict[str, Any]
+    model: nn.Module
+    tokenizer: Any
+
+
+def train(config: TrainConfig | None = None, /, *, callback: Callable[[dict], None] | None = None,
+          **options: Any) -> TrainResult:
+    """Train as `lorakit train` does. Pass a TrainConfig, or its fields as keywords:
+
+        train(model="minilm", data="train.jsonl", eval_data="test.jsonl", task="classification",
+              out="runs/topic", epochs=2)
+
+    `callback(event)` receives {"event": "step", "step", "total", "loss", "tok_s", "epoch"} (at
+    most ~4 per second) and {"event": "epoch", ...the epoch's record}: for custom progress displays.
+    """
+    if config is None:
+        config = TrainConfig.from_dict(options)
+    elif options:
+        config = TrainConfig.from_dict({**config.to_dict(), **options})
+    return _Run(config, callback).run()
+
+
+def _linear_schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+class _Run:
+    def __init__(self, cfg: TrainConfig, callback: Callable[[dict], None] | None = None):
+        self.cfg = cfg
+        self.callback = callback
+        self.dist = Dist.from_env()
+        self.out = Path(cfg.out).resolve()
+
+    # ---- set-up -------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        t0 = time.time()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        train_ex = data.load_examples(cfg.data, cfg.task)
+        eval_ex = data.load_examples(cfg.eval_data, cfg.task) if cfg.eval_data else []
+        self.labels = None
+        if cfg.task == "classification":
+            self.labels = data.label_names(train_ex)
+            if len(self.labels) < 2:
+                raise LoraError(f"{cfg.data}: every example has label {self.labels[0]!r}; classification needs two or more")
+            data.check_eval_labels(eval_ex, self.labels, cfg.data)
+        if self.out.exists() and not self.out.is_dir():
+            raise LoraError(f"--out {self.out}: exists and is not a folder")
+
+        from ..models import load_model
+
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        loaded = load_model(cfg.model, cfg.task, self.labels)
+        self.tok = loaded.tokenizer
+        self.device = _device(cfg.device)
+        model = loaded.model.to(self.device)
+        self.base_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+        self.model = model
+        self.trainable = self._prepare(model, loaded.new_modules)
+        self.train_enc = data.encode(train_ex, cfg.task, self.tok, cfg.max_length, self.labels)
+        self.eval_enc = data.encode(eval_ex, cfg.task, self.tok, cfg.max_length, self.labels) if eval_ex else None
+        self.load_s = time.time() - t0
+        return self._loop(t0)
+
+    def _prepare(self, model: nn.Module, new_modules: list[str]) -> dict[str, nn.Parameter]:
+        """Decide what trains. LoRA: adapters on the targets, plus a full copy of any freshly
+        initialised head (it has to be learned and saved with the adapter)."""
+        import lorakit as lk
+        from ..inject import DEFAULT_TARGETS
+
+        cfg = self.cfg
+        names = dict(model.named_modules())
+        heads = [m for m in new_modules if m in names] if cfg.task == "classification" else []
+        if cfg.task == "classification" and not heads:
+            heads = [h for h in HEAD_NAMES if h in names]
+        if cfg.mode == "full":
+            for p in model.parameters():
+                p.requires_grad_(True)
+        elif cfg.mode == "head":
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for h in heads:
+                for p in names[h].parameters():
+                    p.requires_grad_(True)
+        else:
+            targets: Any = cfg.targets
+            if targets == "auto":
+                model_type = getattr(model.config, "model_type", None)
+                targets = None if model_type in DEFAULT_TARGETS else "all-linear"
+            lcfg = lk.LoraConfig(
+                r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets,
+                modules_to_save=heads or None,
+                task_type="SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM",
+                base_model_name_or_path=cfg.model,
+            )
+            lk.inject(model, lcfg, "default")
+        trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if not trainable:
+            raise LoraError("nothing to train: no parameter requires a gradient")
+        return trainable
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def _loop(self, t0: float) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg, dist, model = self.cfg, self.dist, self.model
+        n = len(self.train_enc)
+        per_rank = len(dist.epoch_order(n, 0, cfg.seed))
+        bpe = math.ceil(per_rank / cfg.batch_size)  # batches per epoch
+        total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * bpe
+        opt = torch.optim.AdamW(list(self.trainable.values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, _linear_schedule(int(cfg.warmup * total), total))
+        fingerprint = {
+            "options": cfg.result_options(),
+            "data": checkpoint.file_fingerprint(cfg.data),
+            "eval_data": checkpoint.file_fingerprint(cfg.eval_data) if cfg.eval_data else None,
+        }
+        hist: dict[str, Any] = {"loss_history": [], "epochs": [], "tokens": 0, "train_time_s": 0.0,
+                                "segments": 0, "resumed_from": []}
+        start = 0
+        ck = checkpoint.latest(self.out) if cfg.resume else None
+        if ck is not None:
+            start, hist = self._restore(ck, opt, sched, fingerprint)
+        elif cfg.resume and dist.is_main:
+            print(f"lorakit train: no checkpoint in {self.out / checkpoint.DIRNAME}; starting from step 0", flush=True)
+        if ck is None and dist.is_main:
+            checkpoint.clear(self.out)
+        hist["segments"] += 1
+
+        wrapped = dist.wrap(model)
+        memory_method = metrics.reset_peak_memory()
+        rss_before = metrics.current_rss_mb()
+        bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, mininterval=0.5,
+                   desc=f"{cfg.mode} {cfg.task}", disable=not (cfg.progress and dist.is_main))
+        model.train()
+        order, order_epoch, ema = [], -1, None
+        seg_tokens, seg_start, last_event = 0, time.time(), 0.0
+        epoch_losses = [v for s, v in hist["loss_history"] if (s - 1) // bpe == start // bpe] if start % bpe else []
+        for step in range(start, total):
+            epoch, i = divmod(step, bpe)
+            if epoch != order_epoch:
+                order, order_epoch = dist.epoch_order(n, epoch, cfg.seed), epoch
+            idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
+            batch = {k: v.to(self.device) for k, v in data.collate(self.train_enc, idx, self.tok.pad_token_id, cfg.task).items()}
+            loss = wrapped(**batch).loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            value = dist.reduce_mean(loss.item())
+            if not math.isfinite(value):
+                raise LoraError(f"loss became {value} at step {step + 1}; lower --lr (now {cfg.learning_rate})")
+            hist["loss_history"].append([step + 1, value])
+            epoch_losses.append(value)
+            seg_tokens += int(batch["attention_mask"].sum())
+            ema = value if ema is None else 0.9 * ema + 0.1 * value
+            elapsed = time.time() - seg_start
+            bar.set_postfix(loss=f"{ema:.4f}", tok_s=f"{seg_tokens / max(elapsed, 1e-9):,.0f}", epoch=epoch + 1, refresh=False)
+            bar.update(1)
+            if self.callback and (time.time() - last_event > 0.25 or step == total - 1):
+                last_event = time.time()
+                self.callback({"event": "step", "step": step + 1, "total": total, "loss": ema,
+                               "tok_s": seg_tokens / max(elapsed, 1e-9), "epoch": epoch + 1})
+            if i == bpe - 1 or step == total - 1:
+                record = {"epoch": epoch + 1, "step": step + 1, "train_loss": sum(epoch_losses) / len(epoch_losses)}
+                if self.eval_enc is not None:
+                    record["eval"] = self.evaluate(model, bar)
+                    model.train()
+                    bar.write(f"epoch {epoch + 1} (step {step + 1}/{total}): train loss {record['train_loss']:.4f}, "
+                              + ", ".join(f"eval {k} {v:.4f}" for k, v in record["eval"].items()))
+                hist["epochs"].append(record)
+                if self.callback:
+                    self.callback({"event": "epoch", **record})
+                epoch_losses = []
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total and dist.is_main:
+                hist_now = dict(hist, tokens=hist["tokens"] + seg_tokens,
+                                train_time_s=hist["train_time_s"] + time.time() - seg_start)
+                checkpoint.save(self.out, step + 1, self.trainable, opt, sched,
+                                {"fingerprint": fingerprint, "history": hist_now})
+            dist.barrier()
+        bar.close()
+        train_s = time.time() - seg_start
+        hist["tokens"] += seg_tokens
+        hist["train_time_s"] += train_s
+        peak = metrics.peak_memory_mb()
+        result = self._finish(hist, total, bpe, start, t0, peak, rss_before, memory_method, train_s, seg_tokens)
+        return result
+
+    def _restore(self, ck: Path, opt, sched, fingerprint: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        tensors, meta = checkpoint.load(ck)
+        old = meta.get("fingerprint", {})
+        if old.get("options") != fingerprint["options"]:
+            diff = {k: (old.get("options", {}).get(k), v) for k, v in fingerprint["options"].items()
+                    if old.get("options", {}).get(k) != v}
+            raise LoraError(f"--resume: checkpoint {ck} was made with other options (checkpoint vs now: {diff}); "
+                            "use the same options, or drop --resume to start over")
+        for key in ("data", "eval_data"):
+            if old.get(key) != fingerprint[key]:
+                raise LoraError(f"--resume: the {key.replace('_', '-')} file changed since checkpoint {ck}; "
+                                "resume needs the same data (or drop --resume to start over)")
+        missing = [k for k in self.trainable if f"param/{k}" not in tensors]
+        if missing:
+            raise LoraError(f"--resume: checkpoint {ck} lacks parameters {missing[:3]}")
+        with torch.no_grad():
+            for k, p in self.trainable.items():
+                p.copy_(tensors[f"param/{k}"])
+        checkpoint.optimizer_from_flat(opt, tensors, meta["optimizer"])
+        sched.load_state_dict(meta["scheduler"])
+        checkpoint.set_rng_state(tensors, meta["rng"])
+        hist = meta["history"]
+        hist["resumed_from"].append(meta["step"])
+        if self.dist.is_main:
+            print(f"lorakit train: resuming from {ck.name} (step {meta['step']})", flush=True)
+        return meta["step"], hist
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, bar: Any = None) -> dict[str, float]:
+        model.eval()
+        enc, cfg = self.eval_enc, self.cfg
+        bs = cfg.eval_batch_size or cfg.batch_size * 2
+        loss_sum, count, preds = 0.0, 0, []
+        for start in range(0, len(enc), bs):
+            idx = list(range(start, min(start + bs, len(enc))))
+            batch = {k: v.to(self.device) for k, v in data.collate(enc, idx, self.tok.pad_token_id, cfg.task).items()}
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            if cfg.task == "classification":
+                loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+                count += len(idx)
+                preds += logits.argmax(-1).tolist()
+            else:
+                shifted = labels[:, 1:]
+                loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1), shifted.flatten(), ignore_index=data.IGNORE,
+                                            reduction="sum").item()
+                count += int((shifted != data.IGNORE).sum())
+        loss = loss_sum / max(count, 1)
+        if cfg.task == "classification":
+            gold = list(enc.labels)
+            return {"loss": loss, "accuracy": metrics.accuracy(preds, gold),
+                    "macro_f1": metrics.macro_f1(preds, gold, len(self.labels))}
+        out = {"loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+        pairs = [(p, c) for p, c in zip(enc.prompts, enc.completions) if p is not None]
+        if pairs:
+            texts = generate(model, self.tok, [p for p, _ in pairs], cfg.max_new_tokens, self.device, bs)
+            out["exact_match"] = sum(t.strip() == c.strip() for t, (_, c) in zip(texts, pairs)) / len(pairs)
+        return out
+
+    # ---- outputs ------------------------------------------------------------------------------
+    def _finish(self, hist, total, bpe, start, t0, peak, rss_before, memory_method, train_s, seg_tokens) -> TrainResult:
+        import lorakit as lk
+
+        cfg, model = self.cfg, self.model
+        summary = lk.param_summary(model) if cfg.mode == "lora" else None
+        trainable = sum(p.numel() for p in self.trainable.values())
+        total_params = summary.total if summary else sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        m: dict[str, Any] = {
+            "task": cfg.task, "mode": cfg.mode, "model": cfg.model,
+            "data": str(cfg.data), "eval_data": cfg.eval_data,
+            "trainable_params": trainable, "total_params": total_params,
+            "trainable_fraction": trainable / total_params,
+            "adapter_bytes": None, "base_bytes": self.base_bytes,
+            "peak_memory_mb": round(peak, 1), "rss_before_training_mb": round(rss_before, 1),
+            "peak_memory_method": memory_method,
+            "wall_time_s": round(time.time() - t0, 2) if not hist["resumed_from"] else None,
+            "load_time_s": round(self.load_s, 2),
+            "train_time_s": round(hist["train_time_s"], 2),
+            "tokens_per_s": round(seg_tokens / max(train_s, 1e-9), 1),
+            "steps": total, "steps_per_epoch": bpe, "epochs_run": math.ceil(total / bpe),
+            "train_examples": len(self.train_enc),
+            "eval_examples": len(self.eval_enc) if self.eval_enc is not None else 0,
+            "labels": self.labels, "resumed_from_steps": hist["resumed_from"],
+            "final_eval": hist["epochs"][-1].get("eval") if hist["epochs"] else None,
+            "epochs": hist["epochs"], "loss_history": hist["loss_history"],
+            "device": str(self.device), "threads": torch.get_num_threads(),
+            "config": cfg.to_dict(),
+        }
+        if self.device.type == "cuda":
+            m["peak_cuda_memory_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if cfg.mode == "lora":
+                m["adapter_bytes"] = self._write_adapter()
+            else:
+                m["adapter_bytes"] = self._write_model()
+            metrics.write_json_atomic(self.out / "metrics.json", m)
+            metrics.plot_loss(m, self.out / "loss.png")
+            checkpoint.clear(self.out)
+            final = m["final_eval"] or {}
+            print(f"lorakit train: {cfg.mode} done in {m['train_time_s']:.1f}s of training; "
+                  f"trainable {trainable:,} of {total_params:,} ({100 * m['trainable_fraction']:.2f}%); "
+                  + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
+                  + f"; peak memory {m['peak_memory_mb']:.0f} MB; wrote {self.out}", flush=True)
+        self.dist.barrier()
+        return TrainResult(self.out, m, model, self.tok)
+
+    def _write_adapter(self) -> int:
+        """adapter_model.safetensors + adapter_config.json, each replaced atomically; other files
+        and folders in --out are left alone."""
+        import lorakit as lk
+
+        tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=self.out))
+        try:
+            lk.save_adapter(self.model, tmp / "a", "default", base_model_name_or_path=self.cfg.model)
+            for name in (WEIGHTS_NAME, CONFIG_NAME):
+                os.replace(tmp / "a" / name, self.out / name)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return (self.out / WEIGHTS_NAME).stat().st_size
+
+    def _write_model(self) -> int:
+        """Full/head runs: a plain transformers folder DIR/model (loadable with from_pretrained)."""
+        dest = self.out / "model"
+        tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=self.out))
+        try:
+            self.model.save_pretrained(tmp)
+            self.tok.save_pretrained(tmp)
+            old = None
+            if dest.exists():
+                old = self.out / f".model.old-{os.getpid()}"
+                os.rename(dest, old)
+            os.rename(tmp, dest)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return sum(f.stat().st_size for f in dest.glob("*.safetensors"))
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError as e:
+        raise LoraError(f"--device {name!r}: {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LoraError(f"--device {name!r}: CUDA is not available here")
+    return dev
+
+
+@torch.no_grad()
+def generate(model: nn.Module, tok: Any, prompts: list[list[int]], max_new_tokens: int,
+             device: torch.device | str = "cpu", batch_size: int = 16) -> list[str]:
+    """Greedy continuations of token-id prompts (left-padded batches), decoded up to EOS."""
+    was_training = model.training
+    model.eval()
+    pad = tok.pad_token_id
+    out: list[str] = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s:s + batch_size]
+        width = max(len(p) for p in chunk)
+        ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for row, p in enumerate(chunk):
+            ids[row, width - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[row, width - len(p):] = 1
+        gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=pad, eos_token_id=tok.eos_token_id)
+        for row in gen[:, width:].tolist():
+            if tok.eos_token_id in row:
+                row = row[:row.index(tok.eos_token_id)]
+            out.append(tok.decode(row, skip_special_tokens=True))
+    model.train(was_training)
+    return out
