@@ -238,3 +238,24 @@ def test_classifier_head_stays_dense_and_round_trips(tmp_path, tokens):
     again = lk.load_adapter(load(), tmp_path / "a").eval()
     with torch.no_grad():
         torch.testing.assert_close(again(tokens).logits, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_train_quantize(tmp_path, capsys):
+    from test_train_support import prompt_records, tiny_tokenizer, write_jsonl
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lorakit.cli import main
+
+    tok = tiny_tokenizer()
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, max_position_embeddings=64,
+                                 num_hidden_layers=2, **SIZES)).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", prompt_records(16))
+    args = ["train", "--model", str(tmp_path / "base"), "--data", str(data), "--task", "causal-lm", "--steps", "3",
+            "--batch-size", "8", "--threads", "1", "--quiet", "--quantize", "nf4"]
+    assert main(args + ["--out", str(tmp_path / "run")]) == 0
+    model = quant.load_quantized(tmp_path / "base", "nf4")
+    lk.load_adapter(model, tmp_path / "run")
+    assert model.model.layers[0].self_attn.q_proj.kind.name == "bnb_4bit"
+    assert main(args + ["--out", str(tmp_path / "full"), "--full"]) == 2
+    assert "full fine-tuning cannot train a quantized base" in capsys.readouterr().err

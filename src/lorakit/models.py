@@ -119,8 +119,9 @@ class Loaded:
 
 
 def load_model(name_or_path: str | os.PathLike, task: str, labels: list[str] | None = None,
-               dtype: str = "float32") -> Loaded:
-    """Load for `task`: "classification" (labels = class names, a head of that size) or "causal-lm"."""
+               dtype: str = "float32", quantize: str | None = None, device: str = "cpu") -> Loaded:
+    """Load for `task`: "classification" (labels = class names, a head of that size) or "causal-lm".
+    quantize: nf4 | fp4 | int8 | int8-wo loads the base quantized on `device` (lorakit.quant.load_quantized)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -139,9 +140,15 @@ def load_model(name_or_path: str | os.PathLike, task: str, labels: list[str] | N
                 raise LoraError("classification needs at least one label")
             kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                           label2id={lab: i for i, lab in enumerate(labels)})
-            model, info = AutoModelForSequenceClassification.from_pretrained(path, **kwargs)
+            cls = AutoModelForSequenceClassification
         else:
-            model, info = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            cls = AutoModelForCausalLM
+        if quantize:
+            from .quant import load_quantized
+
+            model, info = load_quantized(path, quantize, model_class=cls, device=device, **kwargs)
+        else:
+            model, info = cls.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise LoraError(f"model {path}: cannot load it for {task} ({type(e).__name__}: {e})") from None
     finally:

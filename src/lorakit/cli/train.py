@@ -34,6 +34,8 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--save-every",), dict(type=int, help="checkpoint every N steps (default 0: never)")),
     (("--threads",), dict(type=int, help="torch CPU threads (default: torch's choice)")),
     (("--device",), dict(help="auto (default), cpu, cuda, cuda:N")),
+    (("--quantize",), dict(choices=["nf4", "fp4", "int8", "int8-wo"],
+                           help="hold the frozen base in 4/8 bits (QLoRA): nf4, fp4, int8 (bitsandbytes), int8-wo (torchao)")),
 ]
 
 

@@ -14,7 +14,7 @@ TASKS = ("classification", "causal-lm")
 DEFAULT_LR = {"lora": 5e-4, "full": 5e-5, "head": 1e-3}
 # Options that change the result: a checkpoint is resumed only when these agree.
 RESULT_FIELDS = ("model", "task", "targets", "r", "alpha", "dropout", "epochs", "steps", "lr",
-                 "batch_size", "seed", "full", "head_only", "max_length", "warmup", "weight_decay")
+                 "batch_size", "seed", "full", "head_only", "max_length", "warmup", "weight_decay", "quantize")
 
 
 @dataclass
@@ -47,6 +47,7 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads (None: torch's default)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
+    quantize: str | None = None  # nf4 | fp4 | int8 | int8-wo: the frozen base quantized (lorakit.quant)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -89,6 +90,10 @@ class TrainConfig:
             bad("dropout", "must be in [0, 1)")
         if not isinstance(self.warmup, (int, float)) or not 0 <= self.warmup < 1:
             bad("warmup", "must be a fraction in [0, 1)")
+        if self.quantize is not None and self.quantize not in ("nf4", "fp4", "int8", "int8-wo"):
+            bad("quantize", "expected nf4, fp4, int8 or int8-wo")
+        if self.quantize and self.full:
+            bad("quantize", "full fine-tuning cannot train a quantized base; drop --full or --quantize")
         if self.full and self.head_only:
             bad("head_only", "choose --full or --head-only, not both")
         if self.head_only and self.task != "classification":

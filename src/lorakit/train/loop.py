@@ -101,9 +101,9 @@ class _Run:
 
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        loaded = load_model(cfg.model, cfg.task, self.labels)
-        self.tok = loaded.tokenizer
         self.device = _device(cfg.device)
+        loaded = load_model(cfg.model, cfg.task, self.labels, quantize=cfg.quantize, device=str(self.device))
+        self.tok = loaded.tokenizer
         model = loaded.model.to(self.device)
         self.base_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
         self.model = model
