@@ -104,13 +104,16 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="llama only, r=8: a fast look")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--models", default=None,
+                    help="comma list of llama,gpt2,smollm2 (default: llama,gpt2 on the CPU, all three on a GPU)")
     args = ap.parse_args(argv)
     if args.probe:
         print(json.dumps(probe(json.loads(args.probe))))
         return
     torch.set_num_threads(args.threads)
     size = args.size or ("full" if args.device.startswith("cuda") else "small")
-    models = ["llama"] if args.quick else ["llama", "gpt2"]
+    default = "llama,gpt2" if args.device == "cpu" else "llama,gpt2,smollm2"
+    models = ["llama"] if args.quick else (args.models or default).split(",")
     ranks = [8] if args.quick else [8, 16]
     rows, raw = [], []
     for model_name in models:

@@ -42,7 +42,7 @@ def build_model(name: str, size: str, seed: int = 0, dtype: torch.dtype = torch.
     elif name == "smollm2":
         from lorakit.models import load_model  # the cached offline SmolLM2-135M copy
 
-        model = load_model("smollm2", task="causal-lm")
+        model = load_model("smollm2", task="causal-lm").model
     else:
         raise ValueError(f"unknown benchmark model {name!r}")
     return model.to(dtype=dtype, device=device)

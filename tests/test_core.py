@@ -378,3 +378,14 @@ def test_dropout_keeps_only_a_one_byte_mask_for_backward():
         return sum(seen.values())
 
     assert saved(0.5) - saved(0.0) == 32 * 64
+
+
+def test_embedding_init_follows_peft_rule(tokens):
+    """PEFT starts embedding adapters with A = 0 and B random (linear layers: the reverse)."""
+    model = tiny_llama()
+    before = model(tokens).logits
+    lk.inject(model, lk.LoraConfig(r=4, targets=["embed_tokens", "q_proj"]))
+    emb, q = model.model.embed_tokens, model.model.layers[0].self_attn.q_proj
+    assert emb.lora_A["default"].abs().sum() == 0 and emb.lora_B["default"].abs().sum() > 0
+    assert q.lora_B["default"].abs().sum() == 0 and q.lora_A["default"].abs().sum() > 0
+    assert torch.equal(model(tokens).logits, before)

@@ -22,16 +22,20 @@ def scaling(alpha: float, r: int, rslora: bool = False) -> float:
 
 
 @torch.no_grad()
-def init_ab(A: Tensor, B: Tensor, method: bool | str = True) -> None:
+def init_ab(A: Tensor, B: Tensor, method: bool | str | None = True, zero_a: bool = False) -> None:
     """Initialise in place so the adapted model starts equal to the base (B = 0).
 
     method True/"default": A ~ kaiming-uniform(a=sqrt(5)) as nn.Linear and PEFT do;
     "gaussian": A ~ N(0, 1/r); False: A and B random (non-zero delta; for tests and debugging);
-    None: untouched (the caller is about to copy weights in).
+    None: untouched (the caller is about to copy weights in). zero_a (embeddings, as PEFT): the
+    zero goes to A and B ~ N(0, 1) instead, for the default and gaussian methods.
     """
     if method is None:  # the caller fills A and B (loading from a file)
         return
-    if method is True or method == "default":
+    if zero_a and method in (True, "default", "gaussian"):
+        A.zero_()
+        torch.nn.init.normal_(B)
+    elif method is True or method == "default":
         torch.nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         B.zero_()
     elif method == "gaussian":

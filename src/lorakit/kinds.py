@@ -20,7 +20,8 @@ class Kind:
     """How LoRA meets one type of base module.
 
     dims(m) -> (in, out): the sizes of the (out x in) matrix view of the weight.
-    matrix(m) -> Tensor: that view (shares storage with the weight, so merging writes through it).
+    matrix(m) -> Tensor: that view. Plain kinds share storage with the weight, so merging writes
+        through it; quantized kinds return a dequantized copy and store back through `write`.
     project(m, x, A) -> h: the input meeting A (r x in), r channels at `channel_dim`.
     a_shape / b_shape(m, r): the shapes of lora_A / lora_B in PEFT's safetensors files.
     keys: the key suffixes of A and B in PEFT files.
@@ -38,6 +39,7 @@ class Kind:
     linear_like: bool = True  # counted by targets="all-linear"
     uses_dropout: bool = True
     fan_in_fan_out: bool = False
+    zero_a: bool = False  # start with A = 0 and B random (PEFT's rule for embeddings)
     check: Callable[[nn.Module], str | None] | None = None  # reason it can't be wrapped, or None
     write: Callable[[nn.Module, Tensor], None] | None = None
 
@@ -96,6 +98,7 @@ EMBEDDING = Kind(
     keys=("lora_embedding_A", "lora_embedding_B"),
     linear_like=False,
     uses_dropout=False,
+    zero_a=True,
 )
 CONV = Kind(
     name="conv",

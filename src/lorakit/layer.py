@@ -85,7 +85,7 @@ class LoraLayer(_Wrapper):
         else:
             A = torch.empty(r, self.in_features, dtype=dtype, device=weight.device)
             B = torch.empty(self.out_features, r, dtype=dtype, device=weight.device)
-            core.init_ab(A, B, True if changes_base(init) else init)
+            core.init_ab(A, B, True if changes_base(init) else init, zero_a=self.kind.zero_a)
         self.lora_A[name] = nn.Parameter(A)
         self.lora_B[name] = nn.Parameter(B)
         self.scaling[name] = core.scaling(alpha, r, rslora)
