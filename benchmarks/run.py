@@ -16,6 +16,7 @@ SUITE = {
     "adapters": ("benchmarks.bench_adapters", False),
     "multi_adapter": ("benchmarks.bench_multi_adapter", False),
     "quant": ("benchmarks.bench_quant", False),
+    "scaling": ("benchmarks.bench_scaling", True),  # torchrun, 1 vs 2 processes
 }
 
 

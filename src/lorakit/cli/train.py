@@ -4,6 +4,7 @@
         --task classification --epochs 2 --out runs/topic --save-every 50
     lorakit train ... --resume          # after a crash or a kill: continues, same result
     lorakit train --config run.toml     # the same options in a TOML file ([train] table or top level)
+    torchrun --nproc-per-node 4 --no-python lorakit train ... [--strategy fsdp]   # N processes
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--save-every",), dict(type=int, help="checkpoint every N steps (default 0: never)")),
     (("--threads",), dict(type=int, help="torch CPU threads (default: torch's choice)")),
     (("--device",), dict(help="auto (default), cpu, cuda, cuda:N")),
+    (("--strategy",), dict(choices=["ddp", "fsdp"],
+                           help="under torchrun: ddp (default; adapter gradients all-reduced) or fsdp "
+                                "(FSDP2: the frozen base sharded across processes); --batch-size is per process")),
     (("--quantize",), dict(choices=["nf4", "fp4", "int8", "int8-wo"],
                            help="hold the frozen base in 4/8 bits (QLoRA): nf4, fp4, int8 (bitsandbytes), int8-wo (torchao)")),
 ]
@@ -64,5 +68,13 @@ def run(args: argparse.Namespace) -> int:
         cfg = TrainConfig.from_file(args.config, **values)
     else:
         cfg = TrainConfig.from_dict(values, source="lorakit train")
-    train(cfg)
+    try:
+        train(cfg)
+    except RuntimeError as e:  # under torchrun: another process died mid-collective
+        from lorakit.train.dist import lost_peer
+
+        err = lost_peer(e, cfg.out)
+        if err is None:
+            raise
+        raise err from None
     return 0

@@ -50,9 +50,10 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def optimizer_to_flat(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Split an optimizer's state_dict into tensors (for safetensors) and JSON-able values."""
-    sd = opt.state_dict()
+def optimizer_to_flat(opt: torch.optim.Optimizer | dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Split an optimizer's state_dict (or the state_dict itself: whole tensors gathered from
+    FSDP shards) into tensors (for safetensors) and JSON-able values."""
+    sd = opt if isinstance(opt, dict) else opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, st in sd["state"].items():
@@ -94,7 +95,7 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Non
     random.setstate((version, tuple(internal), gauss))
 
 
-def save(out: str | Path, step: int, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+def save(out: str | Path, step: int, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer | dict[str, Any],
          scheduler: Any, extra: dict[str, Any]) -> Path:
     """Write the checkpoint for `step` (atomically) and drop older ones."""
     root = Path(out) / DIRNAME

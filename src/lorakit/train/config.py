@@ -48,6 +48,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
     quantize: str | None = None  # nf4 | fp4 | int8 | int8-wo: the frozen base quantized (lorakit.quant)
+    strategy: str = "ddp"  # ddp | fsdp: how torchrun's processes share the work (ignored in one process)
 
     def __post_init__(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -92,6 +93,8 @@ class TrainConfig:
             bad("warmup", "must be a fraction in [0, 1)")
         if self.quantize is not None and self.quantize not in ("nf4", "fp4", "int8", "int8-wo"):
             bad("quantize", "expected nf4, fp4, int8 or int8-wo")
+        if self.strategy not in ("ddp", "fsdp"):
+            bad("strategy", "expected ddp or fsdp")
         if self.quantize and self.full:
             bad("quantize", "full fine-tuning cannot train a quantized base; drop --full or --quantize")
         if self.full and self.head_only:

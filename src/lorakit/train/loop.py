@@ -77,7 +77,7 @@ class _Run:
     def __init__(self, cfg: TrainConfig, callback: Callable[[dict], None] | None = None):
         self.cfg = cfg
         self.callback = callback
-        self.dist = Dist.from_env()
+        self.dist = Dist.from_env(cfg.strategy, cfg.device)
         self.out = Path(cfg.out).resolve()
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -104,7 +104,7 @@ class _Run:
         self.device = _device(cfg.device)
         loaded = load_model(cfg.model, cfg.task, self.labels, quantize=cfg.quantize, device=str(self.device))
         self.tok = loaded.tokenizer
-        model = loaded.model.to(self.device)
+        model = loaded.model.to(self.dist.load_device(self.device))
         self.base_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
         self.model = model
         self.trainable = self._prepare(model, loaded.new_modules)
@@ -156,20 +156,21 @@ class _Run:
 
         cfg, dist, model = self.cfg, self.dist, self.model
         n = len(self.train_enc)
-        per_rank = len(dist.epoch_order(n, 0, cfg.seed))
-        bpe = math.ceil(per_rank / cfg.batch_size)  # batches per epoch
+        bpe = dist.batches_per_epoch(n, cfg.batch_size)  # global batches per epoch
         total = cfg.steps if cfg.steps is not None else (cfg.epochs or 1) * bpe
+        wrapped = dist.wrap(model)  # before the optimizer: FSDP swaps parameters for shards
+        self.trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
         opt = torch.optim.AdamW(list(self.trainable.values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _linear_schedule(int(cfg.warmup * total), total))
         fingerprint = {
-            "options": cfg.result_options(),
+            "options": {**cfg.result_options(), "batch_size": cfg.batch_size * dist.world_size},  # global
             "data": checkpoint.file_fingerprint(cfg.data),
             "eval_data": checkpoint.file_fingerprint(cfg.eval_data) if cfg.eval_data else None,
         }
         hist: dict[str, Any] = {"loss_history": [], "epochs": [], "tokens": 0, "train_time_s": 0.0,
                                 "segments": 0, "resumed_from": []}
         start = 0
-        ck = checkpoint.latest(self.out) if cfg.resume else None
+        ck = dist.latest_checkpoint(lambda: checkpoint.latest(self.out)) if cfg.resume else None
         if ck is not None:
             start, hist = self._restore(ck, opt, sched, fingerprint)
         elif cfg.resume and dist.is_main:
@@ -178,7 +179,6 @@ class _Run:
             checkpoint.clear(self.out)
         hist["segments"] += 1
 
-        wrapped = dist.wrap(model)
         memory_method = metrics.reset_peak_memory()
         rss_before = metrics.current_rss_mb()
         bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, mininterval=0.5,
@@ -192,8 +192,8 @@ class _Run:
             if epoch != order_epoch:
                 order, order_epoch = dist.epoch_order(n, epoch, cfg.seed), epoch
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
-            batch = {k: v.to(self.device) for k, v in data.collate(self.train_enc, idx, self.tok.pad_token_id, cfg.task).items()}
-            loss = wrapped(**batch).loss
+            batch = {k: v.to(self.device) for k, v in data.collate(self.train_enc, idx or [0], self.tok.pad_token_id, cfg.task).items()}
+            loss = dist.scale_loss(wrapped(**batch).loss, batch["labels"], cfg.task, real=bool(idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -217,18 +217,20 @@ class _Run:
                 if self.eval_enc is not None:
                     record["eval"] = self.evaluate(model, bar)
                     model.train()
-                    bar.write(f"epoch {epoch + 1} (step {step + 1}/{total}): train loss {record['train_loss']:.4f}, "
-                              + ", ".join(f"eval {k} {v:.4f}" for k, v in record["eval"].items()))
+                    if dist.is_main:
+                        bar.write(f"epoch {epoch + 1} (step {step + 1}/{total}): train loss {record['train_loss']:.4f}, "
+                                  + ", ".join(f"eval {k} {v:.4f}" for k, v in record["eval"].items()))
                 hist["epochs"].append(record)
                 if self.callback:
                     self.callback({"event": "epoch", **record})
                 epoch_losses = []
-            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total and dist.is_main:
+            if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                params, opt_state = dist.full_state(self.trainable, opt)  # every process: FSDP gathers
                 hist_now = dict(hist, tokens=hist["tokens"] + seg_tokens,
                                 train_time_s=hist["train_time_s"] + time.time() - seg_start)
-                checkpoint.save(self.out, step + 1, self.trainable, opt, sched,
-                                {"fingerprint": fingerprint, "history": hist_now})
-            dist.barrier()
+                if dist.is_main:
+                    checkpoint.save(self.out, step + 1, params, opt_state, sched,
+                                    {"fingerprint": fingerprint, "history": hist_now})
         bar.close()
         train_s = time.time() - seg_start
         hist["tokens"] += seg_tokens
@@ -238,7 +240,7 @@ class _Run:
         return result
 
     def _restore(self, ck: Path, opt, sched, fingerprint: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-        tensors, meta = checkpoint.load(ck)
+        tensors, meta = self.dist.load_checkpoint(checkpoint.load, ck)
         old = meta.get("fingerprint", {})
         if old.get("options") != fingerprint["options"]:
             diff = {k: (old.get("options", {}).get(k), v) for k, v in fingerprint["options"].items()
@@ -252,6 +254,7 @@ class _Run:
         missing = [k for k in self.trainable if f"param/{k}" not in tensors]
         if missing:
             raise LoraError(f"--resume: checkpoint {ck} lacks parameters {missing[:3]}")
+        tensors = self.dist.local_tensors(tensors, self.trainable)
         with torch.no_grad():
             for k, p in self.trainable.items():
                 p.copy_(tensors[f"param/{k}"])
@@ -324,10 +327,12 @@ class _Run:
             "final_eval": hist["epochs"][-1].get("eval") if hist["epochs"] else None,
             "epochs": hist["epochs"], "loss_history": hist["loss_history"],
             "device": str(self.device), "threads": torch.get_num_threads(),
+            "distributed": self.dist.describe(),
             "config": cfg.to_dict(),
         }
         if self.device.type == "cuda":
             m["peak_cuda_memory_mb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        self.dist.gather_for_save(model, everything=cfg.mode != "lora")  # FSDP: whole tensors
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             if cfg.mode == "lora":
