@@ -156,7 +156,7 @@ def test_save_is_atomic(saved, monkeypatch):
     monkeypatch.setattr(lkio, "save_file", crash)
     with pytest.raises(KeyboardInterrupt):
         lk.save_adapter(model, saved)
-    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before  # old adapter intact
+    assert {p.name: p.read_bytes() for p in saved.iterdir()} == before  # old adapter intact, no temp files
     assert [p.name for p in saved.parent.iterdir()] == ["adapter"]  # no temp leftovers
     monkeypatch.undo()
     lk.save_adapter(model, saved)  # and a good save replaces it
@@ -208,3 +208,33 @@ def test_trainable_load_resumes_training(saved, tokens):
     lk.load_adapter(frozen, saved)
     assert not any(p.requires_grad for p in frozen.parameters())
     assert os.path.exists(saved / "adapter_config.json")
+
+
+def test_save_into_a_folder_keeps_everything_else(saved, tmp_path):
+    (saved / "notes").mkdir()
+    (saved / "notes" / "run.txt").write_text("keep me")
+    (saved / "README.md").write_text("mine")
+    model = tiny_llama(seed=3)
+    lk.inject(model, lk.LoraConfig(r=4, targets=["q_proj", "v_proj"], init=False))
+    lk.save_adapter(model, saved)
+    assert (saved / "notes" / "run.txt").read_text() == "keep me"
+    assert (saved / "README.md").read_text() == "mine"
+    fresh = tiny_llama(seed=3)
+    lk.load_adapter(fresh, saved)
+    torch.testing.assert_close(fresh.model.layers[0].self_attn.q_proj.lora_A["default"],
+                               model.model.layers[0].self_attn.q_proj.lora_A["default"])
+    # a crash on a fresh folder leaves nothing behind
+    new = tmp_path / "fresh_dest"
+
+    def crash(tensors, path, metadata=None):
+        raise KeyboardInterrupt("killed")
+
+    import lorakit.io as lkio_mod
+    orig = lkio_mod.save_file
+    lkio_mod.save_file = crash
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lk.save_adapter(model, new)
+    finally:
+        lkio_mod.save_file = orig
+    assert not new.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".fresh_dest")]

@@ -93,32 +93,41 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
 
 
 def write_dir_atomic(dest: Path, writers: dict[str, Any]) -> None:
-    """Build the folder beside `dest` and swap it in, so readers see the old or the new, never half.
+    """Write the files `writers` names ({file name: write(path)}) into folder `dest`, atomically.
 
-    Files already in `dest` that are not rewritten (a README, metrics) are carried over.
+    A new folder is built beside `dest` and renamed into place: readers see it whole or not at
+    all. Into an existing folder each file is written to a temporary name and renamed over the old
+    one, in the order given (weights before config), so a crash leaves every file either old or
+    new, never half-written, and nothing else in the folder is touched.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        if dest.is_dir():
-            for item in dest.iterdir():
-                if item.name not in writers and item.is_file():
-                    shutil.copy2(item, tmp / item.name)
-        for name, write in writers.items():
-            write(tmp / name)
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        old = None
-        if dest.exists():
-            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(dest, old)
-        os.rename(tmp, dest)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    if not dest.exists():
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            for name, write in writers.items():
+                _write_synced(tmp / name, write)
+            os.rename(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return
+    if not dest.is_dir():
+        raise LoraError(f"{dest}: exists and is not a folder")
+    for name, write in writers.items():
+        tmp = dest / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            _write_synced(tmp, write)
+            os.replace(tmp, dest / name)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def _write_synced(path: Path, write: Any) -> None:
+    write(path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 # ---- load -------------------------------------------------------------------------------------
