@@ -92,7 +92,8 @@ def main(argv=None) -> int:
     same_global = by[f"1 proc x {2 * args.batch}"]["steps_per_s"]
     for r in table:
         r["speedup_vs_1proc_same_global_batch"] = r["steps_per_s"] / same_global if r["global_batch"] == 2 * args.batch else None
-    payload = {"environment": environment(args.device, args.threads), "model": "minilm (22.7M, LoRA r=8 + head)",
+    payload = {"environment": environment(args.device, args.threads), "load_average_1min": os.getloadavg()[0],
+               "cpus": os.cpu_count(), "model": "minilm (22.7M, LoRA r=8 + head)",
                "data": "BBC News, 128 tokens", "steps": args.steps, "reps": args.reps, "times_s": times,
                "rows": table, "note": "2-process rows need 2 GPUs on cuda" if len(rows) == 2 else None}
     write_results("scaling", payload, table)
