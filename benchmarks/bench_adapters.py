@@ -35,7 +35,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     import lorakit as lk
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
 
     size = args.size or ("full" if args.device.startswith("cuda") else "small")
     base = build_model("llama", size, device=args.device).eval()

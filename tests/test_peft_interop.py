@@ -1,6 +1,5 @@
 """Adapters move both ways between PEFT and lorakit with the same logits (PEFT is the reference)."""
 
-import copy
 import json
 import warnings
 

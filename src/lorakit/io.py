@@ -30,7 +30,7 @@ from . import dora, kinds
 from .config import LoraConfig, matches
 from .errors import AdapterFileError, LoraError
 from .init import changes_base
-from .inject import (_save_module, _wrap, adapter_parameters, check_adapter_name, find_targets,
+from .inject import (_save_module, _wrap, adapter_parameters, check_adapter_name,
                      modules_to_save_paths)
 from .layer import LoraLayer, ModulesToSave, lora_layers, require_state, saved_modules, state_of, walk
 
@@ -278,11 +278,20 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sour
             raise AdapterFileError(f"{source}: missing key {PREFIX}{path}.{k} for modules_to_save {path!r}")
         for k in sd.keys() - want.keys():
             raise AdapterFileError(f"{source}: unexpected key {PREFIX}{path}.{k} for modules_to_save {path!r}")
+        head = _head_keys(model, original)
+        resizable = head if config.task_type in CLASSIFICATION_TASKS else set()
         for k, t in sd.items():
-            if tuple(t.shape) != tuple(want[k].shape):
-                raise AdapterFileError(
-                    f"{source}: {PREFIX}{path}.{k} has shape {tuple(t.shape)}, but the model's is {tuple(want[k].shape)}"
-                )
+            w = tuple(want[k].shape)
+            if tuple(t.shape) == w or (k in resizable and t.dim() == len(w) and t.shape[1:] == w[1:] and t.shape[0]):
+                continue
+            hint = (f" (a classification head with its own label count needs task_type in {CLASSIFICATION_TASKS} "
+                    f"in {CONFIG_NAME})" if k in head and not resizable else "")
+            raise AdapterFileError(
+                f"{source}: {PREFIX}{path}.{k} has shape {tuple(t.shape)}, but the model's is {w}{hint}")
+        rows = {k: sd[k].shape[0] for k in resizable & sd.keys()}
+        if len(set(rows.values())) > 1:
+            raise AdapterFileError(f"{source}: the head {path!r} disagrees on its label count: "
+                                   + ", ".join(f"{PREFIX}{path}.{k} has {n} rows" for k, n in rows.items()))
     params = dict(model.named_parameters()) if biases else {}
     for name, t in biases.items():
         target = _bias_param(params, name)
@@ -309,6 +318,24 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sour
             warnings.warn(f"{source}: layers {stray[:5]} have weights but are not in target_modules; "
                           "lorakit loads them, PEFT would not", stacklevel=3)
     return _Plan(lora, {p: sd for p, sd in saved.items() if sd}, biases, base_weights, magnitudes)
+
+
+CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
+
+
+def _head_keys(model: nn.Module, module: nn.Module) -> set[str]:
+    """The state-dict keys of `module`'s output layer if it computes the model's logits: its last
+    Linear, with config.num_labels outputs. A classification adapter's copy may give that layer
+    its own output count (its own labels); every other shape must match the model's."""
+    last = next((n for n, m in reversed(list(module.named_modules())) if isinstance(m, nn.Linear)), None)
+    if last is None:
+        return set()
+    linear = module.get_submodule(last)
+    n_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    if n_labels is not None and linear.out_features != n_labels:
+        return set()
+    prefix = f"{last}." if last else ""
+    return {prefix + k for k in linear.state_dict()}
 
 
 def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "default", *,
@@ -366,11 +393,7 @@ def _apply(model: nn.Module, state, adapter: str, config: LoraConfig, plan: _Pla
         if path in plan.magnitudes:
             layer.lora_magnitude_vector[adapter].copy_(plan.magnitudes[path])
     for path, sd in plan.saved.items():
-        mod = _save_module(model, path, state)
-        mod.add(adapter)
-        target = mod.modules_to_save[adapter]
-        ref = target.state_dict()
-        target.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, strict=True)
+        _save_module(model, path, state).add(adapter, sd)
     for path, t in plan.base_weights.items():
         w = model.get_submodule(path).base_layer.weight
         if not torch.equal(w, t.to(w.dtype)):  # PEFT saves whole embeddings; its loader writes them

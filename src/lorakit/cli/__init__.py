@@ -24,8 +24,18 @@ def _available() -> dict[str, str]:
     return out
 
 
+def quiet_third_party_logs() -> None:
+    """Installed libraries (torchao through transformers' imports, torch's pytree) log import-time
+    warnings that say nothing about the user's command."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    quiet_third_party_logs()
     commands = _available()
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA for PyTorch, PEFT-compatible.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

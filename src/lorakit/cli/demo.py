@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import queue as queue_mod
+import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +26,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+from lorakit.cli import quiet_third_party_logs
 
 MODES = ("head", "lora", "full")
 MODE_NAMES = {"head": "head only (frozen base)", "lora": "LoRA r=8 + head", "full": "full fine-tuning"}
@@ -66,17 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads per training process (default: cores / jobs)")
 
 
-def _quiet_third_party_logs() -> None:
-    """Other installed libraries (torchao) log import-time warnings through transformers' imports;
-    they say nothing about this demo."""
-    import logging
-
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def run(args: argparse.Namespace) -> int:
-    _quiet_third_party_logs()
+    quiet_third_party_logs()
     out = Path(args.out or tempfile.mkdtemp(prefix="lorakit-demo-")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
@@ -93,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 def _job(name: str, options: dict[str, Any], q: Any) -> None:
     """Runs in a spawned process: one `lorakit train` run, its progress sent to the parent."""
     sys.stdout = open(os.devnull, "w")  # the parent draws the progress; keep the terminal tidy
-    _quiet_third_party_logs()
+    quiet_third_party_logs()
     try:
         from transformers.utils import logging as hf_logging
 
@@ -184,12 +178,7 @@ def run_demo(out: Path, tasks: list[DemoTask], model: str = "minilm", jobs: int 
         print(f"  task {task.name!r} ({task.title}): {len(train_rec)} train / {len(test_rec)} test examples, "
               f"{task.max_length} tokens, {task.epochs} epochs of batch {task.batch_size}, seed 0", flush=True)
         for mode in MODES:
-            plan[f"{task.name}/{mode}"] = dict(
-                model=model, data=str(tr), eval_data=str(te), task="classification", out=str(out / task.name / mode),
-                epochs=task.epochs, batch_size=task.batch_size, max_length=task.max_length, seed=0,
-                lr=task.lr[mode], r=8, alpha=16, dropout=0.05, full=mode == "full", head_only=mode == "head",
-                threads=threads, progress=jobs == 0, eval_batch_size=64,
-            )
+            plan[f"{task.name}/{mode}"] = train_options(task, mode, model, tr, te, out / task.name / mode, threads, jobs)
     # longest runs first, so the workers finish together
     order = sorted(plan, key=lambda k: ({"full": 0, "lora": 1, "head": 2}[k.split("/")[1]], k))
     if jobs:
@@ -229,6 +218,9 @@ def run_demo(out: Path, tasks: list[DemoTask], model: str = "minilm", jobs: int 
     summary["reproduce"] = f"lorakit demo --out {out}"
     summary["threads_per_run"], summary["parallel_runs"] = threads, jobs
     _write_json(out / "summary.json", summary)
+    kept = publish_adapters(out, tasks, model)
+    if kept:
+        print(f"  the LoRA adapters are kept in {kept}: `lorakit serve` (no arguments) serves them", flush=True)
     _plots(out, tasks, results, summary)
     topic = summary["tasks"].get("topic")
     if topic:
@@ -240,6 +232,115 @@ def run_demo(out: Path, tasks: list[DemoTask], model: str = "minilm", jobs: int 
     print(f"done in {summary['wall_time_s']:.0f} s. Report: {out / 'summary.json'}, {out / 'accuracy.png'}, "
           f"{out / 'loss_curves.png'}; adapters in {out}/<task>/lora", flush=True)
     return summary
+
+
+def train_options(task: DemoTask, mode: str, model: str, tr: Path, te: Path, out: Path, threads: int,
+                  jobs: int) -> dict[str, Any]:
+    """The `lorakit train` options of one demo run (the same budget for every mode)."""
+    return dict(
+        model=model, data=str(tr), eval_data=str(te), task="classification", out=str(out),
+        epochs=task.epochs, batch_size=task.batch_size, max_length=task.max_length, seed=0,
+        lr=task.lr[mode], r=8, alpha=16, dropout=0.05, full=mode == "full", head_only=mode == "head",
+        threads=threads, progress=jobs == 0, eval_batch_size=64,
+    )
+
+
+# ---- the demo's adapters, for `lorakit serve` with no arguments -------------------------------
+DEMO_MODEL = "minilm"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json")  # metrics.json: labels
+
+
+def adapters_home() -> Path:
+    """Where the demo's LoRA adapters are kept for `lorakit serve`: the user cache, one subfolder each."""
+    from lorakit.models import cache_dir
+
+    return cache_dir() / "demo-adapters"
+
+
+def _complete(folder: Path, names: list[str]) -> bool:
+    return all((folder / n / f).is_file() for n in names for f in ADAPTER_FILES)
+
+
+def _publish(tmp: Path, dest: Path, names: list[str]) -> None:
+    """Rename the finished set `tmp` into `dest`: readers see no set or a whole one. A complete
+    set already there (a concurrent run won) is kept; an incomplete one is replaced."""
+    if _complete(dest, names):
+        return
+    old = None
+    if dest.exists():
+        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
+        os.rename(dest, old)
+    try:
+        os.rename(tmp, dest)
+    except OSError:
+        if not _complete(dest, names):
+            raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def train_lora(out: Path, tasks: list[DemoTask], model: str = DEMO_MODEL) -> None:
+    """Only the demo's LoRA runs (its settings, split and seed), each into out/<task>."""
+    from lorakit.train import datasets
+
+    cores = os.cpu_count() or 1
+    jobs = min(len(tasks), 2 if cores >= 2 else 1)
+    threads = max(1, cores // jobs)
+    plan, total_steps = {}, 0
+    for task in tasks:
+        train_rec, test_rec = task.load()
+        tr = datasets.write_jsonl(out / ".data" / task.name / "train.jsonl", train_rec)
+        te = datasets.write_jsonl(out / ".data" / task.name / "test.jsonl", test_rec)
+        plan[task.name] = train_options(task, "lora", model, tr, te, out / task.name, threads, jobs)
+        total_steps += task.epochs * -(-len(train_rec) // task.batch_size)
+    run_jobs(plan, jobs, total_steps)
+    shutil.rmtree(out / ".data", ignore_errors=True)
+
+
+def ensure_adapters(out: Path | None = None) -> tuple[str, Path]:
+    """The embedded base and a folder with one subfolder per demo adapter (topic, sentiment): what
+    `lorakit serve` serves with no arguments. Kept in `out` (default: `adapters_home()`, where
+    `lorakit demo` also leaves its LoRA adapters); if missing, only the demo's LoRA runs train,
+    into a temp folder renamed into place once both are done (never half a set)."""
+    dest = Path(out) if out is not None else adapters_home()
+    tasks = default_tasks()
+    names = [t.name for t in tasks]
+    if _complete(dest, names):
+        return DEMO_MODEL, dest
+    print(f"lorakit: training the demo's adapters {names} once (LoRA r=8 on {DEMO_MODEL}, the demo's settings; "
+          f"a few minutes on a laptop CPU) into {dest}", flush=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        train_lora(tmp, tasks)
+        _publish(tmp, dest, names)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return DEMO_MODEL, dest
+
+
+def publish_adapters(out: Path, tasks: list[DemoTask], model: str) -> Path | None:
+    """After a demo: keep its LoRA adapters (out/<task>/lora) for `lorakit serve`, unless a set is
+    there already (a running server may be reading it). Only the default demo's."""
+    names = [t.name for t in tasks]
+    dest = adapters_home()
+    if model != DEMO_MODEL or names != [t.name for t in default_tasks()] or _complete(dest, names):
+        return None
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        try:
+            for n in names:
+                (tmp / n).mkdir()
+                for f in ADAPTER_FILES:
+                    shutil.copy2(out / n / "lora" / f, tmp / n / f)
+            _publish(tmp, dest, names)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:  # the cache is a convenience: the demo itself succeeded
+        print(f"  (could not keep the adapters for `lorakit serve` in {dest}: {e})", flush=True)
+        return None
+    return dest
 
 
 def _table(task: DemoTask, r: dict[str, dict]) -> str:

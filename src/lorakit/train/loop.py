@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io import CONFIG_NAME, WEIGHTS_NAME
+from ..io import WEIGHTS_NAME
 from ..errors import LoraError
 from . import checkpoint, data, metrics
 from .config import TrainConfig
@@ -342,11 +342,12 @@ class _Run:
             metrics.write_json_atomic(self.out / "metrics.json", m)
             metrics.plot_loss(m, self.out / "loss.png")
             checkpoint.clear(self.out)
-            final = m["final_eval"] or {}
-            print(f"lorakit train: {cfg.mode} done in {m['train_time_s']:.1f}s of training; "
-                  f"trainable {trainable:,} of {total_params:,} ({100 * m['trainable_fraction']:.2f}%); "
-                  + ", ".join(f"{k} {v:.4f}" for k, v in final.items())
-                  + f"; peak memory {m['peak_memory_mb']:.0f} MB; wrote {self.out}", flush=True)
+            parts = [f"{cfg.mode} done in {m['train_time_s']:.1f}s of training",
+                     f"trainable {trainable:,} of {total_params:,} ({100 * m['trainable_fraction']:.2f}%)"]
+            if m["final_eval"]:
+                parts.append(", ".join(f"{k} {v:.4f}" for k, v in m["final_eval"].items()))
+            parts += [f"peak memory {m['peak_memory_mb']:.0f} MB", f"wrote {self.out}"]
+            print("lorakit train: " + "; ".join(parts), flush=True)
         self.dist.barrier()
         return TrainResult(self.out, m, model, self.tok)
 
@@ -355,13 +356,7 @@ class _Run:
         and folders in --out are left alone."""
         import lorakit as lk
 
-        tmp = Path(tempfile.mkdtemp(prefix=".adapter.tmp-", dir=self.out))
-        try:
-            lk.save_adapter(self.model, tmp / "a", "default", base_model_name_or_path=self.cfg.model)
-            for name in (WEIGHTS_NAME, CONFIG_NAME):
-                os.replace(tmp / "a" / name, self.out / name)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        lk.save_adapter(self.model, self.out, "default", base_model_name_or_path=self.cfg.model)
         return (self.out / WEIGHTS_NAME).stat().st_size
 
     def _write_model(self) -> int:
