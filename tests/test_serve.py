@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 import torch
@@ -65,11 +64,15 @@ def free_port() -> int:
 
 
 def start(model_dir, adapters_dir, max_resident):
+    return start_cli("--model", str(model_dir), "--adapters", str(adapters_dir), "--max-resident", str(max_resident))
+
+
+def start_cli(*args, env=None):
+    """`lorakit serve ARGS` as a real process on a free loopback port; returns (process, url)."""
     port = free_port()
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-c", "import sys; from lorakit.cli import main; sys.exit(main())", "serve", "--model", str(model_dir), "--adapters", str(adapters_dir),
-           "--max-resident", str(max_resident), "--port", str(port), "--threads", "1", "--log-level", "warning",
-           "--wait-ms", "20"]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **(env or {}))
+    cmd = [sys.executable, "-c", "import sys; from lorakit.cli import main; sys.exit(main())", "serve", *args,
+           "--port", str(port), "--threads", "1", "--log-level", "warning", "--wait-ms", "20"]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -265,34 +268,55 @@ def test_load_and_unload_while_requests_run(lm):
 
 
 def test_classify_server(tmp_path):
+    """Mixed requests for adapters with 3- and 5-label heads: each its own probabilities and labels."""
     model_dir, adapters = tmp_path / "bert", tmp_path / "adapters"
-    tiny_bert(num_labels=3, vocab_size=258).save_pretrained(model_dir)
+    base = tiny_bert(num_labels=3, vocab_size=258)
+    base.save_pretrained(model_dir)
     tok = byte_tokenizer()
     tok.save_pretrained(model_dir)
-    for i, name in enumerate(["pos", "neg"]):
-        m = tiny_bert(num_labels=3, vocab_size=258)
-        lk.inject(m, lk.LoraConfig(r=4, alpha=8, targets=["query", "value"], modules_to_save=["classifier"], init=False), name)
+    heads = {"pos": 3, "neg": 3, "five": 5}
+
+    def bert_with(n):
+        m = tiny_bert(num_labels=n, vocab_size=258).eval()
+        m.bert.load_state_dict(base.bert.state_dict())
+        return m
+
+    for i, (name, n) in enumerate(heads.items()):
+        m = bert_with(n)
+        lk.inject(m, lk.LoraConfig(r=4, alpha=8, targets=["query", "value"], modules_to_save=["classifier"], init=False,
+                                   task_type="SEQ_CLS" if n != 3 else None), name)
         torch.manual_seed(i)
         with torch.no_grad():
             for p in lk.adapter_parameters(m, name):
                 p.normal_(0, 0.4)
         lk.save_adapter(m, adapters / name, name)
+    # `lorakit train` writes the class names beside the adapter; "pos"/"neg" carry none (LABEL_i)
+    five = ["sport", "tech", "politics", "business", "film"]
+    (adapters / "five" / "metrics.json").write_text(json.dumps({"labels": five}))
     proc, url = start(model_dir, adapters, max_resident=2)
     try:
         texts = ["good", "bad movie", "ok"]
-        jobs = [(n, t) for t in texts for n in ["pos", "neg", str(model_dir)]]
-        with ThreadPoolExecutor(6) as ex:
+        jobs = [(n, t) for t in texts for n in ["pos", "five", "neg", str(model_dir)]]
+        with ThreadPoolExecutor(8) as ex:
             got = list(ex.map(lambda j: httpx.post(url + "/v1/classify", json={"model": j[0], "input": j[1]}, timeout=60), jobs))
         from transformers import AutoModelForSequenceClassification
 
         for (n, t), r in zip(jobs, got):
             assert r.status_code == 200, r.text
-            m = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
-            if n != str(model_dir):
+            if n == str(model_dir):
+                m = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+            else:  # the oracle: the base built with this adapter's label count, the adapter loaded alone
+                m = bert_with(heads[n])
                 lk.load_adapter(m, adapters / n, n)
             with torch.no_grad():
                 want = m(**tok(t, return_tensors="pt")).logits.softmax(-1)[0]
-            torch.testing.assert_close(torch.tensor(r.json()["data"][0]["probs"]), want, atol=1e-5, rtol=1e-4)
+            d = r.json()["data"][0]
+            torch.testing.assert_close(torch.tensor(d["probs"]), want, atol=1e-5, rtol=1e-4)
+            names = five if n == "five" else [f"LABEL_{i}" for i in range(3)]
+            assert d["label_id"] == int(want.argmax()) and d["label"] == names[d["label_id"]]
+        assert len({r.json()["data"][0]["label"] for (n, _), r in zip(jobs, got) if n == "five"} - set(five)) == 0
+        listed = {m["id"]: m["labels"] for m in httpx.get(url + "/v1/models").json()["data"]}
+        assert listed["five"] == five and listed["pos"] == ["LABEL_0", "LABEL_1", "LABEL_2"]
         r = httpx.post(url + "/v1/completions", json={"model": "pos", "prompt": "x"})
         assert r.status_code == 400
     finally:

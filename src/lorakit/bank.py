@@ -15,7 +15,6 @@ Not thread-safe: call it from the thread that runs the model (the server has one
 
 from __future__ import annotations
 
-import copy
 import os
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -29,7 +28,7 @@ from torch import Tensor, nn
 from . import core
 from .config import LoraConfig
 from .errors import LoraError
-from .layer import LoraLayer, ModulesToSave, adapter_dtype, lora_layers, state_of
+from .layer import LoraLayer, ModulesToSave, adapter_dtype, copy_with, lora_layers, state_of
 
 
 @dataclass
@@ -267,10 +266,7 @@ class AdapterBank:
     def _saved_copy(self, path: str, sd: dict[str, Tensor]) -> nn.Module:
         mod = self.model.get_submodule(path)
         original = mod.original_module if isinstance(mod, ModulesToSave) else mod
-        clone = copy.deepcopy(original)
-        ref = clone.state_dict()
-        clone.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()}, strict=True)
-        return clone.eval().requires_grad_(False)
+        return copy_with(original, sd).eval().requires_grad_(False)
 
     def _stack(self, layer: LoraLayer, r: int) -> _Stack:
         st = self._stacks.get(layer)
@@ -327,7 +323,8 @@ class AdapterBank:
 
     @contextmanager
     def rows(self, names: Sequence[str | None]) -> Iterator[None]:
-        """Inside the block, row i of every batch uses the bank's adapter names[i] (None: base)."""
+        """Inside the block, row i of every batch uses the bank's adapter names[i] (None: base).
+        Heads of different label counts are padded to the widest with -inf (as in `per_row`)."""
         from .adapters import _check_unmerged
         from .batch import RowGroups, _rows
 

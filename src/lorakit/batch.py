@@ -137,7 +137,16 @@ def reference_layer(layer: LoraLayer, x: Tensor, y: Tensor, groups: dict[str, Te
 
 
 def saved_forward(mod: ModulesToSave, x: Tensor, args: tuple, kwargs: dict, st: LoraState) -> Tensor:
-    """The per_row branch of ModulesToSave.forward: each adapter's copy runs on its rows only."""
+    """The per_row branch of ModulesToSave.forward: each adapter's copy runs on its rows only;
+    rows of adapters without a copy (and base rows) get the original module.
+
+    Copies may differ in output width (classification heads, each with its own label count).
+    Then every row is padded on the last dim to the widest output used, with -inf: row i's first
+    n_i entries are exactly its adapter's logits, and softmax/argmax over the whole row are those
+    of its own n_i labels (the padding gets probability 0). Semantics, in plain PyTorch:
+        W = max(width of each row's output)
+        y[i] = F.pad(module_for(names[i])(x[i:i+1]), (0, W - its width), value=-inf)[0]
+    """
     g = st.row_groups
     get: Callable[[str], nn.Module | None] = (
         (lambda n: g.saved_module(mod, n)) if isinstance(g, RowGroups)
@@ -147,10 +156,24 @@ def saved_forward(mod: ModulesToSave, x: Tensor, args: tuple, kwargs: dict, st: 
     if len(modules) == 1 and len(g) == 1 and len(next(iter(g.values()))) == x.shape[0]:
         return next(iter(modules.values()))(x, *args, **kwargs)  # every row: one adapter
     y = mod.original_module(x, *args, **kwargs)
+    outs = []
     for name, m in modules.items():
         idx = g[name].to(x.device)
-        y = y.index_copy(0, idx, m(x.index_select(0, idx), *args, **kwargs).to(y.dtype))
+        outs.append((idx, m(x.index_select(0, idx), *args, **kwargs)))
+    widths = {o.shape[-1] for _, o in outs}
+    if sum(len(i) for i, _ in outs) < x.shape[0]:  # some rows keep the original's output
+        widths.add(y.shape[-1])
+    width = max(widths, default=y.shape[-1])
+    if y.shape[-1] != width:  # wider only when no row keeps it: every row is overwritten below
+        y = _pad_last(y, width) if y.shape[-1] < width else y[..., :width]
+    for idx, out in outs:
+        y = y.index_copy(0, idx, _pad_last(out, width).to(y.dtype))
     return y
+
+
+def _pad_last(t: Tensor, width: int) -> Tensor:
+    """`t` widened on its last dim to `width` with -inf (logits no label can take)."""
+    return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]), value=float("-inf"))
 
 
 def _model_bank(model: nn.Module):
@@ -170,6 +193,10 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     matmul per layer. Every row equals the output of a run with that row's adapter alone. Works
     under autograd (gradients reach each row's adapter); at inference the adapters are read from a
     stacked copy kept beside the model and refreshed whenever their tensors change.
+
+    Adapters whose classification heads (modules_to_save) have different label counts mix too:
+    the logits are padded to the widest head used with -inf, so row i's first n_labels logits are
+    its adapter's own and softmax gives the padding probability 0 (see `saved_forward`).
     """
     state = require_state(model)
     names = list(names)

@@ -157,7 +157,8 @@ class LoraLayer(_Wrapper):
 
 
 class ModulesToSave(_Wrapper):
-    """A fully trainable copy of a module per adapter (e.g. a classifier head); original kept."""
+    """A fully trainable copy of a module per adapter (e.g. a classifier head); original kept.
+    A copy loaded from a classification adapter may have its own label count (see io._plan)."""
 
     _inner = "original_module"
 
@@ -167,10 +168,11 @@ class ModulesToSave(_Wrapper):
         self.modules_to_save = nn.ModuleDict()
         self.state = state
 
-    def add(self, name: str) -> None:
+    def add(self, name: str, tensors: dict[str, Tensor] | None = None) -> None:
+        """A trainable copy of the original for `name`, holding `tensors` (a state dict) if given."""
         import copy
 
-        clone = copy.deepcopy(self.original_module)
+        clone = copy_with(self.original_module, tensors) if tensors is not None else copy.deepcopy(self.original_module)
         for p in clone.parameters():
             p.requires_grad_(True)
         self.modules_to_save[name] = clone
@@ -190,6 +192,31 @@ class ModulesToSave(_Wrapper):
         from .batch import saved_forward
 
         return saved_forward(self, x, args, kwargs, st)
+
+
+def copy_with(module: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
+    """A deep copy of `module` holding state dict `tensors` (cast to the copy's dtypes). A tensor
+    whose shape differs replaces the copy's own, so an adapter's classification head may have its
+    own label count (io._plan decides which differences an adapter file may carry)."""
+    import copy
+
+    clone = copy.deepcopy(module)
+    own = clone.state_dict()
+    for key, t in tensors.items():
+        if key in own and own[key].shape != t.shape:
+            owner, _, leaf = key.rpartition(".")
+            sub = clone.get_submodule(owner)
+            old = getattr(sub, leaf)
+            new = old.new_empty(t.shape)
+            if isinstance(old, nn.Parameter):
+                setattr(sub, leaf, nn.Parameter(new, requires_grad=old.requires_grad))
+            else:
+                sub._buffers[leaf] = new
+            if isinstance(sub, nn.Linear) and leaf == "weight":
+                sub.out_features, sub.in_features = t.shape
+    ref = clone.state_dict()
+    clone.load_state_dict({k: v.to(ref[k].dtype) for k, v in tensors.items()}, strict=True)
+    return clone
 
 
 def adapter_dtype(weight: Tensor) -> torch.dtype:

@@ -18,6 +18,9 @@ def serve(model: str, adapters: str | None, *, host: str = "127.0.0.1", port: in
                     wait_ms=wait_ms, max_batch=max_batch)
     print(f"lorakit serve: {engine.base_name} ({engine.task}) with {len(engine.adapters())} adapters "
           f"{engine.adapters()[:8]}; at most {max_resident} resident; http://{host}:{port}", flush=True)
+    if not engine.base_head:
+        print("  the base's classification head is untrained: /v1/classify answers for the adapters, "
+              "each with its own head and labels", flush=True)
     try:
         uvicorn.run(create_app(engine), host=host, port=port, log_level=log_level)
     finally:

@@ -146,6 +146,9 @@ def create_app(engine: Engine) -> FastAPI:
         data = [{"id": engine.base_name, "object": "model", "created": created, "owned_by": "lorakit", "root": engine.base_name, "parent": None}]
         data += [{"id": n, "object": "model", "created": created, "owned_by": "lorakit", "root": n, "parent": engine.base_name}
                  for n in engine.adapters()]
+        if engine.task == "classify":  # what /v1/classify answers with, per model
+            for d in data:
+                d["labels"] = engine.labels(d["id"])
         return {"object": "list", "data": data}
 
     @app.post("/v1/adapters")
@@ -208,9 +211,10 @@ def create_app(engine: Engine) -> FastAPI:
         event, payload = await s.queue.get()
         if event == "error":
             raise payload
-        labels = getattr(engine.model.config, "id2label", None) or {}
-        data = [{"index": i, "label": labels.get(int(max(range(len(p)), key=p.__getitem__)), str(max(range(len(p)), key=p.__getitem__))),
-                 "label_id": max(range(len(p)), key=p.__getitem__), "probs": p} for i, p in enumerate(payload["probs"])]
+        labels = payload["labels"]  # the adapter's own head and class names
+        best = [max(range(len(p)), key=p.__getitem__) for p in payload["probs"]]
+        data = [{"index": i, "label": labels[b], "label_id": b, "probs": p}
+                for i, (b, p) in enumerate(zip(best, payload["probs"]))]
         engine.metrics["prompt_tokens"] += payload["tokens"]
         return {"id": f"cls-{uuid.uuid4().hex[:12]}", "object": "classification", "created": int(time.time()),
                 "model": body.model, "data": data,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import json
 import logging
 import queue
 import threading
@@ -70,6 +71,26 @@ def _is_adapter_dir(p: Path) -> bool:
     return p.is_dir() and (p / CONFIG_NAME).is_file() and (p / WEIGHTS_NAME).is_file()
 
 
+def _adapter_tasks(root: Path | None) -> set[str]:
+    """PEFT task_type of the adapters in `root` (a bare base model does not say what it serves)."""
+    tasks: set[str] = set()
+    if root is not None and root.is_dir():
+        for sub in root.iterdir():
+            if _is_adapter_dir(sub):
+                try:
+                    tasks.add(str(json.loads((sub / CONFIG_NAME).read_text()).get("task_type")))
+                except (OSError, ValueError, AttributeError):
+                    pass  # reported when it is registered
+    return tasks
+
+
+def _logits_layer(model: torch.nn.Module) -> str | None:
+    """Path of the Linear that computes a classifier's logits: the last with num_labels outputs."""
+    n = getattr(model.config, "num_labels", None)
+    return next((p for p, m in reversed(list(model.named_modules()))
+                 if isinstance(m, torch.nn.Linear) and m.out_features == n), None)
+
+
 class Engine:
     """Loads the base once; serves the adapters of `adapters_dir` (each subfolder, by its name)."""
 
@@ -80,19 +101,34 @@ class Engine:
 
         from ..models import model_path
 
+        from transformers.utils import logging as hf_logging
+
         path = model_path(model)
         config = AutoConfig.from_pretrained(path)
+        self.root = Path(adapters_dir).resolve() if adapters_dir else None
         archs = " ".join(getattr(config, "architectures", None) or [])
-        self.task = "classify" if "ForSequenceClassification" in archs else "generate"
-        cls = AutoModelForSequenceClassification if self.task == "classify" else AutoModelForCausalLM
+        # a bare encoder (e.g. minilm, a BertModel) served with classification adapters: their heads classify
+        classify = "ForSequenceClassification" in archs or "SEQ_CLS" in _adapter_tasks(self.root)
+        self.task = "classify" if classify else "generate"
+        cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
         kw = {} if dtype == "auto" else {"dtype": getattr(torch, dtype)}
-        self.model = cls.from_pretrained(path, **kw).to(device).eval().requires_grad_(False)
+        verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+        hf_logging.set_verbosity_error()  # a missing (fresh) head is reported below, by what it means here
+        hf_logging.disable_progress_bar()
+        try:
+            self.model, info = cls.from_pretrained(path, output_loading_info=True, **kw)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+        self.model = self.model.to(device).eval().requires_grad_(False)
+        # a classifier whose head was freshly initialised answers only through adapters' own heads
+        self.base_head = not (classify and info.get("missing_keys"))
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         self.device = torch.device(device)
         self.base_name = base_name or str(model)
-        self.root = Path(adapters_dir).resolve() if adapters_dir else None
         self.bank = AdapterBank(self.model, capacity=max_resident)
         self.max_batch, self.wait = max_batch, wait_ms / 1000
         self.context = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
@@ -107,6 +143,11 @@ class Engine:
         # registry: public name -> bank key; pinned requests count per key; keys to drop when unpinned
         self._lock = threading.Lock()
         self._registry: dict[str, str] = {}
+        self._labels: dict[str | None, list[str] | None] = {}  # bank key (None: base) -> its class names
+        self._head = _logits_layer(self.model) if classify else None
+        if classify:
+            id2label = getattr(self.model.config, "id2label", None) or {}
+            self._labels[None] = [str(id2label.get(i, f"LABEL_{i}")) for i in range(self.model.config.num_labels)]
         self._pending: Counter[str] = Counter()
         self._doomed: set[str] = set()
         self._gen = itertools.count()
@@ -130,6 +171,14 @@ class Engine:
         with self._lock:
             return sorted(self._registry)
 
+    def labels(self, model: str) -> list[str] | None:
+        """The class names a classify request for `model` (an adapter or the base) answers with."""
+        if model == self.base_name:
+            return self._labels.get(None) if self.base_head else None
+        with self._lock:
+            key = self._registry.get(model)
+            return self._labels.get(key) if key is not None else None
+
     def _register(self, name: str, path: Path) -> None:
         """Worker thread (or before it starts): check + register; the old version stays until unpinned."""
         from ..inject import check_adapter_name
@@ -137,7 +186,9 @@ class Engine:
         check_adapter_name(name)
         key = f"{name}#{next(self._gen)}"
         self.bank.add(key, path)  # all checks first: raises without touching the current version
+        labels = self._adapter_labels(path) if self.task == "classify" else None
         with self._lock:
+            self._labels[key] = labels
             old = self._registry.get(name)
             self._registry[name] = key
             if old is not None:
@@ -181,12 +232,39 @@ class Engine:
             gone = [k for k in self._doomed if self._pending[k] == 0]
             self._doomed.difference_update(gone)
         for k in gone:
+            self._labels.pop(k, None)
             if k in self.bank:
                 self.bank.remove(k)
+
+    def _adapter_labels(self, path: Path) -> list[str] | None:
+        """Class names for an adapter's rows. An adapter with its own head has its own label count
+        (read from the file), named by the `labels` that `lorakit train` writes to metrics.json
+        beside it, else LABEL_i; an adapter without a head answers with the base's labels."""
+        from safetensors import safe_open
+
+        from ..io import PREFIX
+
+        if self._head is None:
+            return None  # unknown logits layer: named by position, LABEL_i
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+            key = f"{PREFIX}{self._head}.weight"
+            if key not in f.keys():
+                return self._labels[None]
+            width = f.get_slice(key).get_shape()[0]
+        try:
+            names = json.loads((path / "metrics.json").read_text()).get("labels")
+        except (OSError, ValueError, AttributeError):
+            names = None
+        if isinstance(names, list) and len(names) == width and all(isinstance(n, str) for n in names):
+            return names
+        return [f"LABEL_{i}" for i in range(width)]
 
     def pin(self, model: str) -> str | None:
         """The bank key for a request's `model` (None: the base), pinned until release()."""
         if model == self.base_name:
+            if not self.base_head:
+                raise ServeError(f"the base {model!r} has no trained classification head (it was freshly "
+                                 f"initialised): name an adapter, one of {self.adapters()}", 400)
             return None
         with self._lock:
             key = self._registry.get(model)
@@ -283,11 +361,13 @@ class Engine:
         texts = [t for r in reqs for t in r.texts]
         names = [r.key for r in reqs for _ in r.texts]
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context, return_tensors="pt").to(self.device)
-        with self.bank.rows(names):
-            probs = self.model(**enc).logits.float().softmax(-1).cpu()
+        with self.bank.rows(names):  # heads of different label counts: padded to the widest with -inf
+            logits = self.model(**enc).logits.float().cpu()
         i = 0
         for r in reqs:
-            r.emit("result", {"probs": probs[i:i + len(r.texts)].tolist(),
+            labels = self._labels.get(r.key) or [f"LABEL_{j}" for j in range(logits.shape[-1])]
+            probs = logits[i:i + len(r.texts), :len(labels)].softmax(-1)  # the request's own head
+            r.emit("result", {"probs": probs.tolist(), "labels": labels,
                               "tokens": int(enc["attention_mask"][i:i + len(r.texts)].sum())})
             i += len(r.texts)
 
