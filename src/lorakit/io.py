@@ -30,7 +30,7 @@ from . import dora, kinds
 from .config import LoraConfig, matches
 from .errors import AdapterFileError, LoraError
 from .init import changes_base
-from .inject import (_save_module, _wrap, adapter_parameters, check_adapter_name,
+from .inject import (_save_module, _wrap, check_adapter_name,
                      modules_to_save_paths)
 from .layer import LoraLayer, ModulesToSave, lora_layers, require_state, saved_modules, state_of, walk
 
@@ -361,7 +361,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         delete_adapter(model, adapter, unwrap=False)
     state = state_of(model, create=True)
     try:
-        _apply(model, state, adapter, config, plan)
+        own = _apply(model, state, adapter, config, plan)
     except Exception as e:
         from .adapters import delete_adapter
 
@@ -373,15 +373,17 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     if first:  # the base is frozen once, when its first adapter arrives (as inject() does)
         for p in model.parameters():
             p.requires_grad_(False)
-    for p in adapter_parameters(model, adapter):
+    for p in own:
         p.requires_grad_(trainable)
     return model
 
 
 @torch.no_grad()
-def _apply(model: nn.Module, state, adapter: str, config: LoraConfig, plan: _Plan) -> None:
+def _apply(model: nn.Module, state, adapter: str, config: LoraConfig, plan: _Plan) -> list[nn.Parameter]:
+    """Carry out the plan; returns the adapter's parameters (what trains for it)."""
     state.configs[adapter] = config
     fan_in_fan_out = False
+    params: list[nn.Parameter] = []
     for path, (A, B) in plan.lora.items():
         layer = _wrap(model, path, state)
         fan_in_fan_out |= layer.kind.fan_in_fan_out
@@ -392,20 +394,26 @@ def _apply(model: nn.Module, state, adapter: str, config: LoraConfig, plan: _Pla
             layer.lora_B[adapter].copy_(B)
         if path in plan.magnitudes:
             layer.lora_magnitude_vector[adapter].copy_(plan.magnitudes[path])
+            params.append(layer.lora_magnitude_vector[adapter])
+        params += [layer.lora_A[adapter], layer.lora_B[adapter]]
     for path, sd in plan.saved.items():
-        _save_module(model, path, state).add(adapter, sd)
+        mod = _save_module(model, path, state)
+        mod.add(adapter, sd)
+        params += list(mod.modules_to_save[adapter].parameters())
     for path, t in plan.base_weights.items():
         w = model.get_submodule(path).base_layer.weight
         if not torch.equal(w, t.to(w.dtype)):  # PEFT saves whole embeddings; its loader writes them
             warnings.warn(f"{path}: the adapter carries its own base weight (PEFT save_embedding_layers); "
                           "writing it into the base model", stacklevel=3)
             w.copy_(t.to(w.dtype))
-    params = dict(model.named_parameters()) if plan.biases else {}
+    named = dict(model.named_parameters()) if plan.biases else {}
     for name, t in plan.biases.items():
-        p = _bias_param(params, name)
+        p = _bias_param(named, name)
         p.copy_(t.to(p.dtype))
+        params.append(p)
     if fan_in_fan_out != config.fan_in_fan_out:
         state.configs[adapter] = config.replace(fan_in_fan_out=fan_in_fan_out)
+    return params
 
 
 def _bias_param(params: dict[str, nn.Parameter], name: str) -> nn.Parameter | None:
