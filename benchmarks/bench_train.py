@@ -156,14 +156,14 @@ def main(argv=None) -> None:
             del full
             fm = peak_in_process("full", base, model_name, 8, "attention", 0.0, batch, args.device)
             full = None
-            for row in rows:
+            for row in rows + raw:
                 if row["model"] == model_name:
                     row["peak_MB_full"] = fm / 2**20
         elif not args.no_memory:
             fm = run_probe("benchmarks.bench_train", dict(model=model_name, size=size, r=8, targets="attention",
                                                           dropout=0.0, threads=args.threads, device=args.device,
                                                           lib="full"), args.threads)["peak_bytes"]
-            for row in rows:
+            for row in rows + raw:
                 if row["model"] == model_name:
                     row["peak_MB_full"] = fm / 2**20
         del full, base
