@@ -77,3 +77,12 @@ def prompt_records(n: int, seed: int = 0) -> list[dict]:
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
+
+
+def test_exact_match_normalises_case_space_and_punctuation():
+    from lorakit.train.metrics import same_answer
+
+    assert same_answer(" Sports.", "sports")
+    assert same_answer("tech\n", "Tech")
+    assert not same_answer("sports news", "sports")
+    assert not same_answer("politics", "sports")

@@ -554,8 +554,10 @@ def llm_demo(out: Path, threads: int = 1, n_train: int = 160, n_test: int = 100,
     with lk.disable_adapters(model_obj):
         before = generate(model_obj, tok, prompts, 6, batch_size=20)
     gold = [r["label"] for r in test_rec]
-    em_before = sum(b.strip() == g for b, g in zip(before, gold)) / len(gold)
-    em_after = sum(a.strip() == g for a, g in zip(after, gold)) / len(gold)
+    from lorakit.train.metrics import same_answer
+
+    em_before = sum(same_answer(b, g) for b, g in zip(before, gold)) / len(gold)
+    em_after = sum(same_answer(a, g) for a, g in zip(after, gold)) / len(gold)
     print(f"\n  exact match on {len(gold)} held-out headlines: base {em_before:.2f} -> LoRA {em_after:.2f} "
           f"(trainable {100 * res.metrics['trainable_fraction']:.2f}%, adapter {_size(res.metrics['adapter_bytes'])})")
     print(f"\n  {'headline':58} {'answer':>13} {'base model':>22} {'with LoRA':>12}")

@@ -297,7 +297,7 @@ class _Run:
         pairs = [(p, c) for p, c in zip(enc.prompts, enc.completions) if p is not None]
         if pairs:
             texts = generate(model, self.tok, [p for p, _ in pairs], cfg.max_new_tokens, self.device, bs)
-            out["exact_match"] = sum(t.strip() == c.strip() for t, (_, c) in zip(texts, pairs)) / len(pairs)
+            out["exact_match"] = sum(metrics.same_answer(t, c) for t, (_, c) in zip(texts, pairs)) / len(pairs)
         return out
 
     # ---- outputs ------------------------------------------------------------------------------

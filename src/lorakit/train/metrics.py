@@ -133,3 +133,11 @@ def plot_loss(metrics: dict[str, Any], path: str | Path) -> None:
     ax.grid(alpha=0.3)
     save_figure_atomic(fig, path)
     plt.close(fig)
+
+
+def same_answer(generated: str, gold: str) -> bool:
+    """Exact match after normalising case, surrounding whitespace and trailing punctuation
+    ("Sports." == "sports"), as SQuAD-style exact match does."""
+    def norm(t: str) -> str:
+        return " ".join(t.strip().strip(".,;:!?\"'").lower().split())
+    return norm(generated) == norm(gold)
