@@ -128,10 +128,7 @@ def reference_layer(layer: LoraLayer, x: Tensor, y: Tensor, groups: dict[str, Te
         if name not in layer.lora_A:
             continue
         idx = idx.to(x.device)
-        try:
-            d = layer.lora_delta_out(x.index_select(0, idx), name, y.index_select(0, idx))
-        except TypeError:  # a layer whose lora_delta_out takes no base output
-            d = layer.lora_delta_out(x.index_select(0, idx), name)
+        d = layer.lora_delta_out(x.index_select(0, idx), name, y.index_select(0, idx))
         y = y.index_add(0, idx, d.to(y.dtype))
     return y
 

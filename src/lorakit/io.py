@@ -101,16 +101,8 @@ def write_dir_atomic(dest: Path, writers: dict[str, Any]) -> None:
     new, never half-written, and nothing else in the folder is touched.
     """
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     if not dest.exists():
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-        try:
-            for name, write in writers.items():
-                _write_synced(tmp / name, write)
-            os.rename(tmp, dest)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        replace_dir(dest, lambda tmp: [_write_synced(tmp / name, write) for name, write in writers.items()])
         return
     if not dest.is_dir():
         raise LoraError(f"{dest}: exists and is not a folder")
@@ -122,6 +114,27 @@ def write_dir_atomic(dest: Path, writers: dict[str, Any]) -> None:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
+
+
+def replace_dir(dest: Path, build: Any) -> None:
+    """Fill a new folder with `build(tmp)` beside `dest`, then swap it in for `dest` (whose old
+    contents are dropped): readers never see a half-built folder. For folders the caller owns
+    whole (an exported model); use write_dir_atomic to update files in a user's folder."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        build(tmp)
+        old = None
+        if dest.exists():
+            old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(dest, old)
+        os.rename(tmp, dest)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _write_synced(path: Path, write: Any) -> None:

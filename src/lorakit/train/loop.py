@@ -13,10 +13,7 @@ same order, on the same numbers as an uninterrupted one (bit-identical on CPU).
 from __future__ import annotations
 
 import math
-import os
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io import WEIGHTS_NAME
+from ..io import WEIGHTS_NAME, replace_dir
 from ..errors import LoraError
 from . import checkpoint, data, metrics
 from .config import TrainConfig
@@ -362,20 +359,7 @@ class _Run:
     def _write_model(self) -> int:
         """Full/head runs: a plain transformers folder DIR/model (loadable with from_pretrained)."""
         dest = self.out / "model"
-        tmp = Path(tempfile.mkdtemp(prefix=".model.tmp-", dir=self.out))
-        try:
-            self.model.save_pretrained(tmp)
-            self.tok.save_pretrained(tmp)
-            old = None
-            if dest.exists():
-                old = self.out / f".model.old-{os.getpid()}"
-                os.rename(dest, old)
-            os.rename(tmp, dest)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        replace_dir(dest, lambda tmp: (self.model.save_pretrained(tmp), self.tok.save_pretrained(tmp)))
         return sum(f.stat().st_size for f in dest.glob("*.safetensors"))
 
 
