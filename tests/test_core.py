@@ -389,3 +389,31 @@ def test_embedding_init_follows_peft_rule(tokens):
     assert emb.lora_A["default"].abs().sum() == 0 and emb.lora_B["default"].abs().sum() > 0
     assert q.lora_B["default"].abs().sum() == 0 and q.lora_A["default"].abs().sum() > 0
     assert torch.equal(model(tokens).logits, before)
+
+
+@pytest.mark.parametrize("kind", ["linear", "hf_conv1d"])
+def test_no_grad_forward_with_many_tokens_merges_on_the_fly_exactly(kind, monkeypatch):
+    """Inference with many tokens takes the merged-on-the-fly path; same function as the dense
+    reference and the unmerged path."""
+    from lorakit import core
+
+    layer, _ = _layers()[kind]
+    model = nn.Sequential()
+    model.add_module("target", layer)
+    lk.inject(model, lk.LoraConfig(r=3, alpha=5, targets=["target"], init=False))
+    wrapped = model.target
+    x = torch.randn(4, 20, 12)  # 80 tokens: above in*out/(in+out)
+    calls = []
+    real = core.linear_merged
+    monkeypatch.setattr(core, "linear_merged", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        fast = model(x)
+    assert calls, "the merged-on-the-fly path was not taken"
+    unmerged = model(x)  # grad enabled: the separate path
+    ref = _dense(layer, x, wrapped.lora_A["default"], wrapped.lora_B["default"], 5 / 3)
+    torch.testing.assert_close(fast.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fast, unmerged.detach(), atol=1e-5, rtol=1e-5)
+    calls.clear()
+    with torch.no_grad():
+        model(x[:1, :2])  # 2 tokens: the separate path is cheaper
+    assert not calls

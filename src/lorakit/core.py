@@ -123,6 +123,16 @@ class _LoraLinear(torch.autograd.Function):
         return g, dx, dA, dB, None, None
 
 
+def linear_merged(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, s: float) -> Tensor:
+    """x @ (W + s * B @ A).T + bias: the adapted layer with dW merged on the fly (inference).
+
+    Why: forming dW costs out*in*r multiply-adds once, the separate path N*r*(in+out) plus a
+    second pass over x and y; with many tokens (N > in*out/(in+out)) merging is the cheaper one.
+    W: (out, in) as the weight's matrix view; float32/64 only (a half-precision W + dW would round
+    most of a small dW away)."""
+    return F.linear(x, torch.addmm(W, B.to(W.dtype), A.to(W.dtype), alpha=s), bias)
+
+
 def lora_linear(y: Tensor, x: Tensor, A: Tensor, B: Tensor, s: float, p: float = 0.0) -> Tensor:
     """y + s * B(A(dropout_p(x))) for layers whose input meets A by a plain matmul.
 

@@ -40,6 +40,7 @@ class Kind:
     uses_dropout: bool = True
     fan_in_fan_out: bool = False
     zero_a: bool = False  # start with A = 0 and B random (PEFT's rule for embeddings)
+    plain_linear: bool = False  # forward is exactly F.linear(x, matrix(m), m.bias)
     check: Callable[[nn.Module], str | None] | None = None  # reason it can't be wrapped, or None
     write: Callable[[nn.Module, Tensor], None] | None = None
 
@@ -77,6 +78,7 @@ LINEAR = Kind(
     project=_linear_project,
     a_shape=lambda m, r: (r, m.weight.shape[1]),
     b_shape=lambda m, r: (m.weight.shape[0], r),
+    plain_linear=True,
 )
 # transformers' GPT-2 Conv1D stores its weight as (in x out): PEFT's fan_in_fan_out.
 CONV1D_HF = Kind(
@@ -87,6 +89,7 @@ CONV1D_HF = Kind(
     a_shape=lambda m, r: (r, m.weight.shape[0]),
     b_shape=lambda m, r: (m.weight.shape[1], r),
     fan_in_fan_out=True,
+    plain_linear=True,
 )
 EMBEDDING = Kind(
     name="embedding",

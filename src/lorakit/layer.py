@@ -33,6 +33,7 @@ class LoraState:
     n_merged: int = 0  # (layer, adapter) pairs merged into weights: lets set_adapter check in O(1)
 
 
+_PLAIN_FORWARDS = ("Linear.forward", "Conv1D.forward")  # forwards that are exactly F.linear(x, W, b)
 _IDENTITY = nn.Identity()  # shared by every adapter without dropout: no module built per adapter
 
 
@@ -128,9 +129,34 @@ class LoraLayer(_Wrapper):
             channel_dim=self.kind.channel_dim,
         )
 
+    def _merge_on_the_fly(self, x: Tensor, st: LoraState) -> str | None:
+        """The one active adapter, if this no-grad forward is cheaper with dW merged on the fly."""
+        if (torch.is_grad_enabled() or not self.kind.plain_linear or st.disabled or st.row_groups is not None
+                or len(st.active) != 1 or not torch.is_tensor(x)):
+            return None
+        name = st.active[0]
+        if name not in self.lora_A or name in self.merged or name in self.lora_magnitude_vector:
+            return None
+        base = self.base_layer
+        if (type(base).forward.__qualname__ not in _PLAIN_FORWARDS or base._forward_hooks
+                or base._forward_pre_hooks):  # a subclass or a hook: run the module itself
+            return None
+        W = base.weight
+        if W.dtype not in (torch.float32, torch.float64) or self.lora_A[name].dtype != W.dtype:
+            return None
+        tokens = x.numel() // max(self.in_features, 1)
+        if tokens * (self.in_features + self.out_features) <= self.in_features * self.out_features:
+            return None
+        drop = self.lora_dropout[name]
+        return None if isinstance(drop, nn.Dropout) and drop.training else name
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        y = self.base_layer(x, *args, **kwargs)
         st = self.state
+        name = self._merge_on_the_fly(x, st) if not args and not kwargs else None
+        if name is not None:
+            return core.linear_merged(x, self.kind.matrix(self.base_layer), self.base_layer.bias,
+                                      self.lora_A[name], self.lora_B[name], self.scaling[name])
+        y = self.base_layer(x, *args, **kwargs)
         if st.disabled:
             return y
         if st.row_groups is not None:
