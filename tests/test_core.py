@@ -417,3 +417,17 @@ def test_no_grad_forward_with_many_tokens_merges_on_the_fly_exactly(kind, monkey
     with torch.no_grad():
         model(x[:1, :2])  # 2 tokens: the separate path is cheaper
     assert not calls
+
+
+def test_autocast_keeps_the_separate_path(monkeypatch):
+    from lorakit import core
+
+    layer, _ = _layers()["linear"]
+    model = nn.Sequential()
+    model.add_module("target", layer)
+    lk.inject(model, lk.LoraConfig(r=3, targets=["target"], init=False))
+    calls = []
+    monkeypatch.setattr(core, "linear_merged", lambda *a: calls.append(1))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.randn(4, 20, 12))
+    assert not calls

@@ -132,8 +132,8 @@ class LoraLayer(_Wrapper):
     def _merge_on_the_fly(self, x: Tensor, st: LoraState) -> str | None:
         """The one active adapter, if this no-grad forward is cheaper with dW merged on the fly."""
         if (torch.is_grad_enabled() or not self.kind.plain_linear or st.disabled or st.row_groups is not None
-                or len(st.active) != 1 or not torch.is_tensor(x)):
-            return None
+                or len(st.active) != 1 or not torch.is_tensor(x) or torch.is_autocast_enabled(x.device.type)):
+            return None  # (under autocast W + dW would be formed in half precision)
         name = st.active[0]
         if name not in self.lora_A or name in self.merged or name in self.lora_magnitude_vector:
             return None
