@@ -238,3 +238,21 @@ def test_save_into_a_folder_keeps_everything_else(saved, tmp_path):
     finally:
         lkio_mod.save_file = orig
     assert not new.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".fresh_dest")]
+
+
+def test_adapter_with_dropout_loaded_into_eval_model_is_deterministic(tmp_path, tokens):
+    """A new adapter follows the model's train/eval mode: dropout stays off at inference."""
+    model = tiny_llama()
+    lk.inject(model, lk.LoraConfig(r=4, targets=["q_proj", "v_proj"], dropout=0.5, init=False))
+    model.eval()
+    expected = model(tokens).logits
+    lk.save_adapter(model, tmp_path)
+    fresh = tiny_llama().eval()
+    lk.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(fresh(tokens).logits, expected)
+    torch.testing.assert_close(fresh(tokens).logits, expected)
+    peft_model = PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(peft_model(tokens).logits, expected, atol=1e-5, rtol=1e-5)
+    fresh.train()
+    torch.manual_seed(0)
+    assert not torch.equal(fresh(tokens).logits, expected)  # and in training mode it does drop

@@ -117,7 +117,7 @@ def _wrap(model: nn.Module, path: str, state: LoraState) -> LoraLayer:
     kind = kinds.kind_of(module)
     if kind is None:
         raise TargetError(f"module {path!r} of type {type(module).__name__} cannot be wrapped")
-    layer = LoraLayer(module, kind, state)
+    layer = LoraLayer(module, kind, state).train(module.training)  # keep the model's train/eval mode
     _replace(model, path, layer)
     return layer
 
@@ -125,7 +125,7 @@ def _wrap(model: nn.Module, path: str, state: LoraState) -> LoraLayer:
 def _save_module(model: nn.Module, path: str, state: LoraState) -> ModulesToSave:
     module = model.get_submodule(path)
     if not isinstance(module, ModulesToSave):
-        module = ModulesToSave(module, state)
+        module = ModulesToSave(module, state).train(module.training)
         _replace(model, path, module)
     return module
 

@@ -95,7 +95,9 @@ class LoraLayer(_Wrapper):
         if use_dora:
             dora.init_magnitude(self, name)
         use = dropout > 0 and self.kind.uses_dropout
-        self.lora_dropout[name] = nn.Dropout(dropout) if use else _IDENTITY
+        # a new module starts in training mode: follow the layer's, or an adapter loaded into an
+        # eval-mode model would drop inputs at inference
+        self.lora_dropout[name] = nn.Dropout(dropout).train(self.training) if use else _IDENTITY
 
     def remove(self, name: str) -> None:
         if name in self.merged:
