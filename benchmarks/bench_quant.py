@@ -27,6 +27,7 @@ import warnings
 import torch
 
 from benchmarks.common import PeakMemory, environment, hwm_bytes, interleaved, median, run_probe, write_results
+from benchmarks.common import train_step as step
 
 VARIANTS: dict[str, dict] = {
     "full-fp32": dict(dtype="float32", full=True),
@@ -65,14 +66,6 @@ def load(name: str, device: str):
         params = lk.adapter_parameters(model)
     model.train()
     return model, torch.optim.AdamW(params, lr=1e-4)
-
-
-def step(model, opt, batch) -> float:
-    loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()
 
 
 def make_batch(batch: int, seq: int, device: str) -> torch.Tensor:

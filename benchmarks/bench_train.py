@@ -17,6 +17,7 @@ import torch
 
 from benchmarks.common import (PeakMemory, bar_plot, build_model, environment, interleaved, median, run_probe,
                                targets_for, write_results)
+from benchmarks.common import train_step as step
 
 BATCH, SEQ = 4, 128
 
@@ -41,13 +42,6 @@ def make_variant(lib: str, base, model_name: str, r: int, targets: str, dropout:
         params = list(model.parameters())
     model.train()
     return model, torch.optim.AdamW(params, lr=1e-4)
-
-
-def step(model, opt, batch) -> None:
-    loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
 
 
 def saved_bytes(model, batch) -> int:

@@ -59,6 +59,15 @@ def targets_for(model_name: str, which: str):
     return "all-linear" if which == "all-linear" else TARGETS[(model_name, which)]
 
 
+def train_step(model, opt, batch) -> float:
+    """One causal-LM training step (forward, backward, optimizer); returns the loss."""
+    loss = model(input_ids=batch, labels=batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.item()
+
+
 # ---- timing ------------------------------------------------------------------------------------
 def sync(device: str) -> None:
     if str(device).startswith("cuda"):
@@ -93,20 +102,21 @@ def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
 
 
 # ---- memory ------------------------------------------------------------------------------------
-def rss_bytes() -> int:
+def _status_bytes(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+def rss_bytes() -> int:
+    return _status_bytes("VmRSS")
 
 
 def hwm_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return 0
+    """Peak resident memory since the process start or the last reset_peak_rss()."""
+    return _status_bytes("VmHWM")
 
 
 def reset_peak_rss() -> None:

@@ -185,7 +185,7 @@ class LoraConfig:
         out: dict[str, Any] = {"peft_type": "LORA"}
         for ours, theirs in PEFT_NAMES.items():
             out[theirs] = getattr(self, ours)
-        out.update({k: v for k, v in PEFT_FEATURE_DEFAULTS.items() if k in ("use_dora", "lora_bias")})
+        out["lora_bias"] = PEFT_FEATURE_DEFAULTS["lora_bias"]
         return out
 
     @classmethod

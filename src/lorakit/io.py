@@ -107,13 +107,21 @@ def write_dir_atomic(dest: Path, writers: dict[str, Any]) -> None:
     if not dest.is_dir():
         raise LoraError(f"{dest}: exists and is not a folder")
     for name, write in writers.items():
-        tmp = dest / f".{name}.tmp-{uuid.uuid4().hex[:8]}"
-        try:
-            _write_synced(tmp, write)
-            os.replace(tmp, dest / name)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_file_atomic(dest / name, write)
+
+
+def write_file_atomic(path: Path, write: Any) -> None:
+    """`write(tmp)` to a temporary file beside `path`, fsync, rename over `path`: the file is the
+    old or the new one, never half-written. The temporary keeps `path`'s suffix (formats that
+    go by it, e.g. matplotlib's, still see it)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}"
+    try:
+        _write_synced(tmp, write)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def replace_dir(dest: Path, build: Any) -> None:
@@ -218,7 +226,7 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sour
         name = key[len(PREFIX):]
         m = _LORA_KEY.match(name)
         if m:
-            which = "A" if m["which"].startswith("lora_A") or m["which"] == "lora_embedding_A" else "B"
+            which = "A" if m["which"] in ("lora_A.weight", "lora_embedding_A") else "B"
             pairs.setdefault(m["path"], {})[which] = (key, t)
             continue
         owner = next((p for p in saved_paths if name.startswith(p + ".")), None)

@@ -13,12 +13,13 @@ import json
 import math
 import os
 import re
-import uuid
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from lorakit.io import write_file_atomic
 
 _KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<which>lora_A\.weight|lora_B\.weight|lora_embedding_A|"
                   r"lora_embedding_B|lora_magnitude_vector)$")
@@ -141,14 +142,10 @@ def plot(report: dict, out: str | os.PathLike) -> Path:
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.tmp.png"  # normal file mode, unlike mkstemp
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, out)  # atomic
+        write_file_atomic(out, lambda p: fig.savefig(p, dpi=110))
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return out
 
 

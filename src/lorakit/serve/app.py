@@ -29,16 +29,21 @@ class _Req(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class CompletionRequest(_Req):
+class _Sampling(_Req):
+    """The OpenAI sampling fields both generation endpoints take."""
+
     model: str
-    prompt: str | list[str]
-    max_tokens: int | None = Field(default=16, ge=0)
     temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
     n: int | None = Field(default=1, ge=1, le=MAX_N)
     stop: str | list[str] | None = None
     stream: bool | None = False
     seed: int | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    max_tokens: int | None = Field(default=16, ge=0)
 
 
 class ChatMessage(_Req):
@@ -46,17 +51,10 @@ class ChatMessage(_Req):
     content: str | list[dict[str, Any]] | None = ""
 
 
-class ChatRequest(_Req):
-    model: str
+class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=0)
     max_completion_tokens: int | None = Field(default=None, ge=0)
-    temperature: float | None = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(default=1.0, gt=0.0, le=1.0)
-    n: int | None = Field(default=1, ge=1, le=MAX_N)
-    stop: str | list[str] | None = None
-    stream: bool | None = False
-    seed: int | None = None
 
 
 class ClassifyBody(_Req):

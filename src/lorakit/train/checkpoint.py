@@ -18,7 +18,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LoraError
+from ..io import write_dir_atomic
 
 DIRNAME = "checkpoints"
 _STEP = re.compile(r"^step-(\d+)$")
@@ -110,22 +110,10 @@ def save(out: str | Path, step: int, params: dict[str, torch.Tensor], opt: torch
         text = json.dumps(meta)
     except TypeError as e:  # pragma: no cover - a new optimizer/scheduler with odd state
         raise LoraError(f"checkpoint state is not JSON-serialisable ({e})") from None
-    name = f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=root))
-    try:
-        save_file(tensors, str(tmp / "state.safetensors"))
-        (tmp / "state.json").write_text(text)
-        for f in ("state.safetensors", "state.json"):
-            with open(tmp / f, "rb") as fh:
-                os.fsync(fh.fileno())
-        dest = root / name
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.rename(tmp, dest)
-        _fsync_dir(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    dest = root / f"step-{step:08d}"
+    write_dir_atomic(dest, {"state.safetensors": lambda p: save_file(tensors, str(p)),
+                                   "state.json": lambda p: p.write_text(text)})
+    _fsync_dir(root)
     for old in root.iterdir():
         m = _STEP.match(old.name)
         if (m and int(m.group(1)) < step) or old.name.startswith("."):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
+
+from ..io import write_file_atomic
 
 
 def accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:
@@ -68,29 +68,11 @@ def current_rss_mb() -> float:
 
 # ---- files ----------------------------------------------------------------------------------
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomic(Path(path), lambda p: p.write_text(json.dumps(data, indent=2)))
 
 
 def save_figure_atomic(fig: Any, path: str | Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_file_atomic(Path(path), lambda p: fig.savefig(p, dpi=110, bbox_inches="tight"))
 
 
 def smooth(values: Sequence[float], k: int) -> list[float]:
