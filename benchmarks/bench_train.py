@@ -1,6 +1,10 @@
-"""Training step (forward + backward + AdamW): lorakit vs PEFT vs full fine-tuning.
+"""Training step (forward + backward + AdamW): lorakit vs PEFT vs full fine-tuning, and the floor.
 
-Time per step (interleaved in one process) and peak memory above the loaded model (each variant
+The floor ("frozen"): the same model without any adapter, frozen, with the backward still run
+through every layer. No LoRA library can step faster than it at equal settings, so lorakit/PEFT is
+bounded below by floor/PEFT: this is where a goal like "0.9x PEFT's time" meets physics.
+
+Time per step (interleaved in one process; ratios are medians of per-round ratios) and peak memory above the loaded model (each variant
 in a fresh process: RSS high-water mark on the CPU, allocator peak on a GPU). Also the bytes
 autograd saves for backward, counted exactly with saved-tensor hooks (noise-free).
 """
@@ -38,10 +42,29 @@ def make_variant(lib: str, base, model_name: str, r: int, targets: str, dropout:
             warnings.simplefilter("ignore")
             model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout, target_modules=tgt))
         params = [p for p in model.parameters() if p.requires_grad]
+    elif lib == "frozen":  # the floor any LoRA library stands on: no adapter, frozen base, and the
+        # backward still runs through every layer (as it must to reach the first adapter)
+        model.requires_grad_(False)
+        model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
+        model.train()
+        return model, _NoOptimizer()
     else:
         params = list(model.parameters())
     model.train()
     return model, torch.optim.AdamW(params, lr=1e-4)
+
+
+class _NoOptimizer:
+    def step(self) -> None:
+        pass
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        pass
+
+
+def round_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of a's time / b's time in the same round (cancels slow drifts)."""
+    return median([x / y for x, y in zip(times[a], times[b])])
 
 
 def saved_bytes(model, batch) -> int:
@@ -114,10 +137,12 @@ def main(argv=None) -> None:
         base = build_model(model_name, size, device=args.device)
         batch = torch.randint(0, 16000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)).to(args.device)
         full = make_variant("full", base, model_name, 8, "attention", 0.0)
+        frozen = make_variant("frozen", base, model_name, 8, "attention", 0.0)
         for r, targets, dropout in itertools.product(ranks, ["attention", "all-linear"], [0.0, 0.05]):
             ours = make_variant("lorakit", base, model_name, r, targets, dropout)
             theirs = make_variant("peft", base, model_name, r, targets, dropout)
-            fns = {"lorakit": lambda: step(*ours, batch), "peft": lambda: step(*theirs, batch)}
+            fns = {"lorakit": lambda: step(*ours, batch), "peft": lambda: step(*theirs, batch),
+                   "frozen": lambda: step(*frozen, batch)}
             if not raw or raw[-1]["model"] != model_name:
                 fns["full"] = lambda: step(*full, batch)
             t = interleaved(fns, args.reps, warmup=1, device=args.device)
@@ -125,7 +150,10 @@ def main(argv=None) -> None:
                 full_time = median(t["full"])
             row = {"model": model_name, "r": r, "targets": targets, "dropout": dropout,
                    "lorakit_s": median(t["lorakit"]), "peft_s": median(t["peft"]), "full_s": full_time}
-            row["time_vs_peft"] = row["lorakit_s"] / row["peft_s"]
+            row["frozen_s"] = median(t["frozen"])
+            row["time_vs_peft"] = round_ratio(t, "lorakit", "peft")
+            row["lorakit_vs_frozen"] = round_ratio(t, "lorakit", "frozen")
+            row["peft_vs_frozen"] = round_ratio(t, "peft", "frozen")
             row["peft_vs_full"] = row["peft_s"] / full_time
             row["lorakit_vs_full"] = row["lorakit_s"] / full_time
             row["saved_MB_lorakit"] = saved_bytes(ours[0], batch) / 2**20
@@ -160,7 +188,17 @@ def main(argv=None) -> None:
             for row in rows + raw:
                 if row["model"] == model_name:
                     row["peak_MB_full"] = fm / 2**20
-        del full, base
+        if not args.no_memory:
+            spec = dict(model=model_name, size=size, r=8, targets="attention", dropout=0.0, threads=args.threads,
+                        device=args.device, lib="frozen")
+            if args.device.startswith("cuda"):
+                fz = peak_in_process("frozen", base, model_name, 8, "attention", 0.0, batch, args.device)
+            else:
+                fz = run_probe("benchmarks.bench_train", spec, args.threads)["peak_bytes"]
+            for row in rows + raw:
+                if row["model"] == model_name:
+                    row["peak_MB_frozen"] = fz / 2**20
+        del full, frozen, base
     goals = {
         "time_vs_peft<=0.9 (dropout 0)": all(r["time_vs_peft"] <= 0.9 for r in rows if r["dropout"] == 0),
         "time_vs_peft<=0.85 (dropout>0)": all(r["time_vs_peft"] <= 0.85 for r in rows if r["dropout"] > 0),
@@ -174,6 +212,7 @@ def main(argv=None) -> None:
     stem = write_results("train_step", payload, rows, suffix)
     labels = [f"{r['model']} r{r['r']} {r['targets'][:4]} p{r['dropout']}" for r in rows]
     bar_plot(stem.with_suffix(".png"), labels, {"lorakit / PEFT time": [r["time_vs_peft"] for r in rows],
+                                               "floor / PEFT time": [1 / r["peft_vs_frozen"] for r in rows],
                                                "lorakit / full FT time": [r["lorakit_vs_full"] for r in rows]},
              f"training step time ratios ({args.device}, {args.threads} threads)", "ratio", hline=1.0)
     print(json.dumps(goals))

@@ -147,3 +147,38 @@ def test_row_groups_still_map_adapters_to_rows():
         g = state_of(model).row_groups
         assert isinstance(g, RowGroups) and {k: v.tolist() for k, v in g.items()} == {"a": [0, 2], "b": [3]}
     assert state_of(model).row_groups is None
+
+
+def test_one_adapter_for_every_row_merges_on_the_fly_like_set_adapter(monkeypatch, tmp_path):
+    """A mixed batch whose rows all use one adapter, with many tokens, takes the same merged path
+    as a single active adapter (per_row and the bank); rows still equal the adapter alone."""
+    from lorakit import core
+    from lorakit.bank import AdapterBank
+
+    model = build("llama")
+    x = torch.randint(0, 128, (4, 40), generator=torch.Generator().manual_seed(3))  # 160 tokens
+    calls = []
+    real = core.linear_merged
+    monkeypatch.setattr(core, "linear_merged", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        want = alone(model, x, ["c"] * 4)
+        calls.clear()
+        with lk.per_row(model, ["c"] * 4):
+            got = model(x).logits
+        assert calls, "per_row with one adapter did not merge on the fly"
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        lk.save_adapter(model, tmp_path / "c", "c")
+        fresh = build("llama")
+        for n, _ in ADAPTERS:
+            lk.delete_adapter(fresh, n)
+        bank = AdapterBank(fresh, capacity=2)
+        bank.add("c", tmp_path / "c")
+        calls.clear()
+        with bank.rows(["c"] * 4):
+            got = fresh(x).logits
+        assert calls, "the bank with one adapter did not merge on the fly"
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+        calls.clear()
+        with lk.per_row(model, ["c", "c", None, "c"]):  # a base row: no single adapter
+            model(x)
+        assert not calls

@@ -28,50 +28,45 @@ def mix(kind: str, rows: int, slots: int = N_SLOTS, seed: int = 0) -> list[int]:
         return [rng.choice([-1, -1, 2, 5]) for _ in range(rows)]
     if kind == "sorted":
         return sorted(rng.randrange(slots) for _ in range(rows))
+    if kind == "pairs":  # in slot order, equal groups: the sorted layout works in place
+        return [2 + i // 2 for i in range(rows)]
     raise ValueError(kind)
 
 
-MIXES = ["one", "distinct", "uniform", "zipf", "skewed", "base", "sorted"]
+MIXES = ["one", "distinct", "uniform", "zipf", "skewed", "base", "sorted", "pairs"]
 
 
 def stacks(dtype=torch.float32, n_in=16, n_out=24, ranks=(4, 2, 8, 1, 8, 3, 4, 6), seed=0):
-    """Slot stacks with mixed ranks, padded with zeros to the largest (as the bank stores them)."""
+    """Slot stacks A (S, r, in), Bt (S, r, out) with mixed ranks, zero-padded to the largest (as
+    the bank stores them)."""
     g = torch.Generator().manual_seed(seed)
     r = max(ranks)
     A = torch.zeros(len(ranks), r, n_in, dtype=dtype)
-    B = torch.zeros(len(ranks), n_out, r, dtype=dtype)
+    Bt = torch.zeros(len(ranks), r, n_out, dtype=dtype)
     for s, rk in enumerate(ranks):
         A[s, :rk] = torch.randn(rk, n_in, generator=g, dtype=dtype)
-        B[s, :, :rk] = torch.randn(n_out, rk, generator=g, dtype=dtype)
-    return A, B
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_grouped_matmul_matches_loop(dtype):
-    g = torch.Generator().manual_seed(0)
-    sizes = [3, 0, 5, 1, 0, 7]
-    ends = torch.tensor(sizes, dtype=torch.int32).cumsum(0).to(torch.int32)
-    a = torch.randn(sum(sizes), 16, generator=g, dtype=dtype)
-    b = torch.randn(len(sizes), 16, 8, generator=g, dtype=dtype)
-    out = ops.grouped_matmul(a, b, ends, ends.tolist())
-    torch.testing.assert_close(out, ops.grouped_matmul_ref(a, b, ends.tolist()))
-    bt = torch.randn(len(sizes), 8, 16, generator=g, dtype=dtype).transpose(1, 2)  # strided weights
-    torch.testing.assert_close(ops.grouped_matmul(a, bt, ends, ends.tolist()), ops.grouped_matmul_ref(a, bt, ends.tolist()))
+        Bt[s, :rk] = torch.randn(rk, n_out, generator=g, dtype=dtype)
+    return A, Bt
 
 
 @pytest.mark.parametrize("kind", MIXES)
 @pytest.mark.parametrize("T", [1, 5])
-@pytest.mark.parametrize("layout", [None, "runs", "sorted"])
-def test_lora_rows_matches_loop(kind, T, layout):
+@pytest.mark.parametrize("layout", [None, "rows", "sorted"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_lora_rows_matches_loop(kind, T, layout, inplace):
     A, B = stacks()
     rows = 6
     slots = mix(kind, rows)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(rows, T, A.shape[2], generator=g)
-    y = torch.randn(rows, T, B.shape[1], generator=g)
+    y = torch.randn(rows, T, B.shape[2], generator=g)
+    want = ops.lora_rows_ref(x, A, B, slots, y=y)
     plan = ops.plan_rows(slots)
-    out = ops.lora_rows(x, A, B, plan, y=y, layout=layout)
-    torch.testing.assert_close(out, ops.lora_rows_ref(x, A, B, slots, y=y), atol=1e-5, rtol=1e-5)
+    y_in = y.clone()
+    out = ops.lora_rows(x, A, B, plan, y=y_in, layout=layout, inplace=inplace)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+    if not inplace:
+        assert torch.equal(y_in, y)  # the caller's y is left alone
     x2 = x[:, 0]  # rows without a sequence axis (decode, classifier inputs)
     torch.testing.assert_close(ops.lora_rows(x2, A, B, plan, layout=layout), ops.lora_rows_ref(x2, A, B, slots),
                                atol=1e-5, rtol=1e-5)
@@ -82,26 +77,29 @@ def test_lora_rows_float64_fallback_is_exact_to_rounding(kind):
     A, B = stacks(torch.float64)
     slots = mix(kind, 6, seed=3)
     x = torch.randn(6, 3, A.shape[2], dtype=torch.float64)
-    torch.testing.assert_close(ops.lora_rows(x, A, B, ops.plan_rows(slots)), ops.lora_rows_ref(x, A, B, slots))
+    for layout in ("rows", "sorted"):
+        torch.testing.assert_close(ops.lora_rows(x, A, B, ops.plan_rows(slots), layout=layout),
+                                   ops.lora_rows_ref(x, A, B, slots))
 
 
 @pytest.mark.parametrize("kind", MIXES)
-def test_embedding_rows_matches_loop(kind):
+@pytest.mark.parametrize("layout", [None, "rows", "sorted"])
+def test_embedding_rows_matches_loop(kind, layout):
     A, B = stacks(n_in=32)
     At = A.transpose(1, 2).contiguous()
     slots = mix(kind, 5, seed=2)
     ids = torch.randint(0, 32, (5, 4))
-    y = torch.randn(5, 4, B.shape[1])
-    out = ops.embedding_rows(ids, At, B, ops.plan_rows(slots), y=y)
+    y = torch.randn(5, 4, B.shape[2])
+    out = ops.embedding_rows(ids, At, B, ops.plan_rows(slots), y=y, layout=layout)
     torch.testing.assert_close(out, ops.embedding_rows_ref(ids, At, B, slots, y=y), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("layout", ["runs", "sorted"])
+@pytest.mark.parametrize("layout", ["rows", "sorted"])
 def test_lora_rows_gradients_match_loop(layout):
     A, B = stacks(torch.float64)
     slots = mix("base", 6, seed=5) + mix("zipf", 4, seed=6)
     x = torch.randn(10, 3, A.shape[2], dtype=torch.float64)
-    w = torch.randn(10, 3, B.shape[1], dtype=torch.float64)
+    w = torch.randn(10, 3, B.shape[2], dtype=torch.float64)
     grads = []
     for fast in (True, False):
         xs, As, Bs = (t.clone().requires_grad_() for t in (x, A, B))
@@ -112,14 +110,29 @@ def test_lora_rows_gradients_match_loop(layout):
         torch.testing.assert_close(got, want)
 
 
-def test_plan_layout_choice_and_runs():
+def test_plan_groups_sorted_chunks_pad_and_views():
     p = ops.plan_rows([2, 2, -1, 0, 0, 0])
-    assert p.runs == [(2, 0, 2), (-1, 2, 3), (0, 3, 6)]
-    assert (p.lo, p.hi, p.adapter_rows, p.single) == (0, 2, 5, None)
-    assert ops.plan_rows([4] * 3).single == 4 and ops.plan_rows([-1, -1]).empty
-    tp = p.tokens(2, torch.device("cpu"))
-    assert tp.order.tolist() == [6, 7, 8, 9, 10, 11, 0, 1, 2, 3]  # slot 0 rows first, then slot 2
-    assert tp.sorted_ends_list == [6, 6, 10]
+    assert (p.adapter_rows, p.single, p.used) == (5, None, frozenset({0, 2}))
+    assert ops.plan_rows([4] * 3).single == 4 and ops.plan_rows([-1, -1]).empty and ops.plan_rows([4, -1]).single is None
+    g = p.groups(2, torch.device("cpu"), "sorted")  # slot 0 has 3 rows, slot 2 has 2: M = 3
+    assert g.slots == [0, 2] and not g.consecutive
+    assert g.src.tolist() == [6, 7, 8, 9, 10, 11, 0, 1, 2, 3, 0, 1]  # slot 2's chunk padded with row 0
+    assert g.keep.tolist() == list(range(10)) and g.dst.tolist() == [6, 7, 8, 9, 10, 11, 0, 1, 2, 3]
+    skew = ops.plan_rows([0] * 9 + [1, 2, 3])  # padding every slot to 9 rows would be 36 for 12
+    gs = skew.groups(1, torch.device("cpu"), "sorted")
+    assert gs.slots == [0, 0, 0, 1, 2, 3] and gs.keep is not None and len(gs.src) == 6 * 3
+    assert not gs.consecutive
+    inplace = ops.plan_rows([3, 3, 4, 4, 5, 5]).groups(2, torch.device("cpu"), "sorted")
+    assert inplace.src is None and inplace.slots == [3, 4, 5]  # in slot order already: no gather
+    d = ops.plan_rows([5, 3, 4, 6]).groups(1, torch.device("cpu"), "sorted")
+    assert d.slots == [3, 4, 5, 6] and d.consecutive and d.keep is None  # weights are a view of the stack
+    W = torch.arange(8.0).view(8, 1, 1)
+    assert d.take(W).data_ptr() == W[3].data_ptr()
+    rows = ops.plan_rows([1, -1, 2]).groups(4, torch.device("cpu"), "rows")
+    assert rows.src is None and rows.base.tolist() == [False, True, False]
+    assert rows.take(W, mask=True).flatten().tolist() == [1.0, 0.0, 2.0]
+    assert ops.plan_rows([1, 2]).layout(128, 16) == "rows" and ops.plan_rows([1, 2]).layout(1, 16) == "sorted"
+    assert ops.plan_rows([1, -1, -1, 2]).layout(128, 16) == "sorted"  # rows would compute base rows
 
 
 def test_dropout_rows():

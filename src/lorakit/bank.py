@@ -1,9 +1,9 @@
 """An adapter bank: many adapters resident beside one base, ready for mixed batches.
 
-For every wrapped layer the bank keeps stacked slots, A (S, r, in) and B (S, out, r) (embeddings:
-A transposed, (S, vocab, r)), with each adapter's scaling folded into its B and smaller ranks
+For every wrapped layer the bank keeps stacked slots, A (S, r, in) and B transposed, Bt (S, r, out)
+(embeddings: A transposed too, (S, vocab, r)), with each adapter's scaling folded into Bt and smaller ranks
 padded with zeros to the layer's largest rank. `ops.lora_rows` reads the slots in place, so a batch
-that mixes adapters costs one grouped matmul per layer instead of a loop over adapters.
+that mixes adapters costs two batched matmuls per layer instead of a loop over adapters.
 
 Adapters are registered by name with a source: a PEFT folder on disk (checked when registered,
 read again each time it is brought in), tensors held in CPU memory, or (for `per_row`) the
@@ -40,7 +40,7 @@ class _Weights:
 @dataclass
 class _Stack:
     A: Tensor  # (S, r, in); embeddings (S, vocab, r)
-    B: Tensor  # (S, out, r), scaling folded in
+    Bt: Tensor  # (S, r, out): B transposed, scaling folded in
     embedding: bool
     filled: set[int] = field(default_factory=set)  # slots holding a non-zero adapter here
 
@@ -55,14 +55,21 @@ class _ModelSource:
     def __init__(self, name: str):
         self.name = name
 
-    def fingerprint(self, model: nn.Module) -> tuple:
-        return tuple((id(l), id(l.lora_A[self.name]), l.lora_A[self.name]._version, id(l.lora_B[self.name]),
-                      l.lora_B[self.name]._version, l.scaling[self.name])
-                     for _, l in lora_layers(model) if self.name in l.lora_A)
+    def fingerprint(self, tables: list[tuple[int, dict, dict, dict]]) -> tuple:
+        """What changes when the adapter's tensors do (in-place updates bump `_version`).
+        tables: `_model_tables(model)`, built once for all adapters of a batch."""
+        n = self.name
+        return tuple((lid, id(a), a._version, id(b), b._version, sc[n])
+                     for lid, As, Bs, sc in tables if (a := As.get(n)) is not None and (b := Bs.get(n)) is not None)
 
     def fetch(self, model: nn.Module) -> _Weights:
         return _Weights({l: (l.lora_A[self.name].detach(), l.lora_B[self.name].detach(), l.scaling[self.name])
                          for _, l in lora_layers(model) if self.name in l.lora_A})
+
+
+def _model_tables(model: nn.Module) -> list[tuple[int, dict, dict, dict]]:
+    """(layer id, A params, B params, scalings) of every wrapped layer, as plain dicts by name."""
+    return [(id(l), l.lora_A._parameters, l.lora_B._parameters, l.scaling) for _, l in lora_layers(model)]
 
 
 class _FileSource:
@@ -198,7 +205,7 @@ class AdapterBank:
             for st in self._stacks.values():
                 if slot in st.filled:
                     st.A[slot].zero_()
-                    st.B[slot].zero_()
+                    st.Bt[slot].zero_()
                     st.filled.discard(slot)
         self._saved.pop(name, None)
         self._fingerprint.pop(name, None)
@@ -213,10 +220,17 @@ class AdapterBank:
         if self.capacity is not None and len(wanted) > self.capacity:
             raise LoraError(f"the batch uses {len(wanted)} adapters but the bank holds at most {self.capacity}")
         keep = set(wanted)
+        cache: list = []
+
+        def tables() -> list:  # one walk of the model per call, whatever the adapter count
+            if not cache:
+                cache.append(_model_tables(self.model))
+            return cache[0]
+
         for n in wanted:
             src = self._sources[n]
             if n in self._resident:
-                if isinstance(src, _ModelSource) and self._fingerprint.get(n) != src.fingerprint(self.model):
+                if isinstance(src, _ModelSource) and self._fingerprint.get(n) != src.fingerprint(tables()):
                     self._fill(self._resident[n], n)
                 else:
                     self.hits += 1
@@ -247,7 +261,7 @@ class AdapterBank:
         for layer, st in self._stacks.items():
             if slot in st.filled:
                 st.A[slot].zero_()
-                st.B[slot].zero_()
+                st.Bt[slot].zero_()
                 st.filled.discard(slot)
         for layer, (A, B, s) in w.lora.items():
             r = A.shape[0]
@@ -256,11 +270,11 @@ class AdapterBank:
                 st.A[slot, :, :r].copy_(A.T)
             else:
                 st.A[slot, :r].copy_(A)
-            st.B[slot, :, :r].copy_(B.to(st.B.dtype) * s)
+            st.Bt[slot, :r].copy_(B.T.to(st.Bt.dtype) * s)
             st.filled.add(slot)
         self._saved[name] = {p: self._saved_copy(p, sd) for p, sd in w.saved.items()}
         if isinstance(src, _ModelSource):
-            self._fingerprint[name] = src.fingerprint(self.model)
+            self._fingerprint[name] = src.fingerprint(_model_tables(self.model))
         self.loads += 1
 
     def _saved_copy(self, path: str, sd: dict[str, Tensor]) -> nn.Module:
@@ -277,12 +291,12 @@ class AdapterBank:
         emb = layer.kind.name == "embedding"
         S, n_in, n_out = self._n_slots, layer.in_features, layer.out_features
         A = torch.zeros((S, n_in, r) if emb else (S, r, n_in), dtype=dt, device=dev)
-        B = torch.zeros(S, n_out, r, dtype=dt, device=dev)
-        new = _Stack(A, B, emb)
+        Bt = torch.zeros(S, r, n_out, dtype=dt, device=dev)
+        new = _Stack(A, Bt, emb)
         if st is not None:  # a larger rank arrived: pad the old slots into the new stack
             old_r = st.rank
             (new.A[:, :, :old_r] if emb else new.A[:, :old_r]).copy_(st.A)
-            new.B[:, :, :old_r].copy_(st.B)
+            new.Bt[:, :old_r].copy_(st.Bt)
             new.filled = st.filled
         self._stacks[layer] = new
         return new
@@ -291,19 +305,19 @@ class AdapterBank:
     def _grow(self, n: int) -> None:
         for layer, st in self._stacks.items():
             A = st.A.new_zeros((n, *st.A.shape[1:]))
-            B = st.B.new_zeros((n, *st.B.shape[1:]))
+            Bt = st.Bt.new_zeros((n, *st.Bt.shape[1:]))
             A[: st.A.shape[0]].copy_(st.A)
-            B[: st.B.shape[0]].copy_(st.B)
-            st.A, st.B = A, B
+            Bt[: st.Bt.shape[0]].copy_(st.Bt)
+            st.A, st.Bt = A, Bt
         self._n_slots = n
 
     # ---- what the forward reads -------------------------------------------------------------
     def stacks(self, layer: LoraLayer, plan) -> tuple[Tensor, Tensor] | None:
-        """The layer's (A, B) slot stacks, or None if no adapter in `plan` touches this layer."""
+        """The layer's (A, Bt) slot stacks, or None if no adapter in `plan` touches this layer."""
         st = self._stacks.get(layer)
         if st is None or st.filled.isdisjoint(plan.used):
             return None
-        return st.A, st.B
+        return st.A, st.Bt
 
     def saved_module(self, mod: ModulesToSave, name: str) -> nn.Module | None:
         for path, m in self._saved.get(name, {}).items():

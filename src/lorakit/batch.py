@@ -1,8 +1,9 @@
 """Many adapters in one batch: row i of the batch uses adapter names[i] (None: the base).
 
-The base layers run once for the whole batch; the low-rank part of every wrapped layer is one
-grouped matmul over the batch's adapters (`ops.lora_rows` / `ops.embedding_rows`), never a Python
-loop over rows. Adapter weights come from stacked slots: at inference from an `AdapterBank` kept
+The base layers run once for the whole batch; the low-rank part of every wrapped layer is two
+batched matmuls over the batch's row groups (`ops.lora_rows` / `ops.embedding_rows`), never a Python
+loop over rows or adapters. A batch whose rows all use one adapter runs like that adapter alone
+(merged on the fly where that is cheaper). Adapter weights come from stacked slots: at inference from an `AdapterBank` kept
 beside the model (refreshed when an adapter's tensors change), under autograd from the adapters'
 own parameters, stacked on the fly so gradients reach them (a training batch may mix adapters).
 """
@@ -31,7 +32,7 @@ class RowGroups(dict):
     """
 
     def __init__(self, names: Sequence[str | None], *, bank: Any, keys: Sequence[str | None],
-                 trainable: bool, model_mode: bool):
+                 trainable: bool | Callable[[], bool], model_mode: bool):
         groups: dict[str, list[int]] = {}
         for i, n in enumerate(names):
             if n is not None:
@@ -40,12 +41,18 @@ class RowGroups(dict):
         self.names = list(names)
         self.keys = list(keys)  # the bank's key for each row (None: base)
         self.bank = bank
-        self.trainable = trainable  # some used adapter has parameters that require grad
+        self._trainable = trainable  # some used adapter has parameters that require grad (lazy)
         self.model_mode = model_mode  # adapters live in the model's ParameterDicts (per_row)
         self.used = list(groups)  # distinct adapters, first-seen order
         local = {n: i for i, n in enumerate(self.used)}
         self.local_plan = ops.plan_rows([local[n] if n is not None else -1 for n in names])
         self._bank_plan: ops.RowPlan | None = None
+
+    @property
+    def trainable(self) -> bool:
+        if callable(self._trainable):
+            self._trainable = bool(self._trainable())
+        return self._trainable
 
     def bank_plan(self) -> ops.RowPlan:
         if self._bank_plan is None:
@@ -67,7 +74,7 @@ def _fast_kind(layer: LoraLayer) -> str | None:
 
 
 def _stack_params(layer: LoraLayer, used: list[str], kind: str) -> tuple[Tensor, Tensor]:
-    """Differentiable stacks of the layer's own adapters (zeros where one is absent here)."""
+    """Differentiable stacks (A, Bt) of the layer's own adapters (zeros where one is absent here)."""
     present = [n for n in used if n in layer.lora_A]
     r = max(layer.lora_A[n].shape[0] for n in present)
     ref = layer.lora_A[present[0]]
@@ -82,7 +89,7 @@ def _stack_params(layer: LoraLayer, used: list[str], kind: str) -> tuple[Tensor,
             A = ref.new_zeros(r, layer.in_features)
             B = ref.new_zeros(layer.out_features, r)
         As.append(A.T if kind == "embedding" else A)
-        Bs.append(B)
+        Bs.append(B.T)
     return torch.stack(As), torch.stack(Bs)
 
 
@@ -97,7 +104,7 @@ def layer_forward(layer: LoraLayer, x: Tensor, y: Tensor, st: LoraState) -> Tens
         if isinstance(g, RowGroups) and not g.model_mode:
             raise LoraError(f"the adapter bank cannot run a {layer.kind.name} layer")
         return reference_layer(layer, x, y, g)
-    if g.model_mode and g.trainable and torch.is_grad_enabled():
+    if g.model_mode and torch.is_grad_enabled() and g.trainable:
         if not any(n in layer.lora_A for n in g.used):
             return y
         A, B = _stack_params(layer, g.used, kind)
@@ -112,9 +119,29 @@ def layer_forward(layer: LoraLayer, x: Tensor, y: Tensor, st: LoraState) -> Tens
         if stacks is None:
             return y
         A, B = stacks
+    inplace = not torch.is_grad_enabled()  # y is this layer's fresh base output
     if kind == "embedding":
-        return ops.embedding_rows(x, A, B, plan, y=y, padding_idx=layer.base_layer.padding_idx)
-    return ops.lora_rows(x, A, B, plan, y=y)
+        return ops.embedding_rows(x, A, B, plan, y=y, padding_idx=layer.base_layer.padding_idx, inplace=inplace)
+    return ops.lora_rows(x, A, B, plan, y=y, inplace=inplace)
+
+
+def single_weights(layer: LoraLayer, x: Tensor, st: LoraState) -> tuple[Tensor, Tensor, float] | None:
+    """(A, B, scaling) when every row of this no-grad mixed batch uses one adapter that this
+    (linear) layer carries: the layer may then merge it on the fly like a single active adapter."""
+    g = st.row_groups
+    if not isinstance(g, RowGroups) or len(g.used) != 1 or None in g.names or x.shape[0] != len(g.names):
+        return None
+    name = g.used[0]
+    if g.model_mode:
+        if name not in layer.lora_A or name in layer.lora_magnitude_vector:
+            return None
+        return layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
+    plan = g.bank_plan()
+    stacks = g.bank.stacks(layer, plan)
+    if stacks is None or _fast_kind(layer) != "linear":
+        return None
+    A, Bt = stacks
+    return A[plan.single], Bt[plan.single].T, 1.0
 
 
 def _dropout_p(layer: LoraLayer, name: str | None) -> float:
@@ -186,8 +213,8 @@ def _model_bank(model: nn.Module):
 def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     """Inside the block, row i of every batch uses adapter `names[i]` (None = base model).
 
-    The base matmul runs once for the whole batch; the adapters' low-rank terms run as one grouped
-    matmul per layer. Every row equals the output of a run with that row's adapter alone. Works
+    The base matmul runs once for the whole batch; the adapters' low-rank terms run as two batched
+    matmuls per layer. Every row equals the output of a run with that row's adapter alone. Works
     under autograd (gradients reach each row's adapter); at inference the adapters are read from a
     stacked copy kept beside the model and refreshed whenever their tensors change.
 
@@ -204,8 +231,10 @@ def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
     bank = _model_bank(model)
     bank.sync_model(names)
     used = set(n for n in names if n is not None)
-    trainable = any(p.requires_grad for _, layer in _layers(model) for n in used if n in layer.lora_A
-                    for p in (layer.lora_A[n], layer.lora_B[n]))
+
+    def trainable() -> bool:  # asked only by a forward with grad enabled
+        return any(p.requires_grad for _, layer in _layers(model) for n in used if n in layer.lora_A
+                   for p in (layer.lora_A[n], layer.lora_B[n]))
     groups = RowGroups(names, bank=bank, keys=names, trainable=trainable, model_mode=True)
     with _rows(state, names, groups):
         yield

@@ -31,6 +31,7 @@ class LoraState:
     rows: list[str | None] | None = None  # per-row adapter names under per_row()
     row_groups: dict[str, Tensor] | None = None  # adapter -> row indices, for per_row()
     n_merged: int = 0  # (layer, adapter) pairs merged into weights: lets set_adapter check in O(1)
+    merge_on_the_fly: bool = True  # no-grad forwards over many tokens may form W + dW (benchmarks turn it off)
 
 
 _PLAIN_FORWARDS = ("Linear.forward", "Conv1D.forward")  # forwards that are exactly F.linear(x, W, b)
@@ -131,33 +132,41 @@ class LoraLayer(_Wrapper):
             channel_dim=self.kind.channel_dim,
         )
 
-    def _merge_on_the_fly(self, x: Tensor, st: LoraState) -> str | None:
-        """The one active adapter, if this no-grad forward is cheaper with dW merged on the fly."""
-        if (torch.is_grad_enabled() or not self.kind.plain_linear or st.disabled or st.row_groups is not None
-                or len(st.active) != 1 or not torch.is_tensor(x) or torch.is_autocast_enabled(x.device.type)):
+    def _merge_on_the_fly(self, x: Tensor, st: LoraState) -> tuple[Tensor, Tensor, float] | None:
+        """(A, B, scaling) of the one adapter of this no-grad forward (the active one, or every row's
+        in a mixed batch), if the forward is cheaper with dW merged on the fly."""
+        if (torch.is_grad_enabled() or not st.merge_on_the_fly or not self.kind.plain_linear or st.disabled
+                or not torch.is_tensor(x)
+                or torch.is_autocast_enabled(x.device.type)):
             return None  # (under autocast W + dW would be formed in half precision)
-        name = st.active[0]
-        if name not in self.lora_A or name in self.merged or name in self.lora_magnitude_vector:
-            return None
         base = self.base_layer
         if (type(base).forward.__qualname__ not in _PLAIN_FORWARDS or base._forward_hooks
                 or base._forward_pre_hooks):  # a subclass or a hook: run the module itself
             return None
-        W = base.weight
-        if W.dtype not in (torch.float32, torch.float64) or self.lora_A[name].dtype != W.dtype:
-            return None
         tokens = x.numel() // max(self.in_features, 1)
         if tokens * (self.in_features + self.out_features) <= self.in_features * self.out_features:
             return None
-        drop = self.lora_dropout[name]
-        return None if isinstance(drop, nn.Dropout) and drop.training else name
+        if st.row_groups is not None:
+            from .batch import single_weights
+
+            w = single_weights(self, x, st)
+        else:
+            name = st.active[0] if len(st.active) == 1 else None
+            if name is None or name not in self.lora_A or name in self.merged or name in self.lora_magnitude_vector:
+                return None
+            drop = self.lora_dropout[name]
+            if isinstance(drop, nn.Dropout) and drop.training:
+                return None
+            w = self.lora_A[name], self.lora_B[name], self.scaling[name]
+        if w is None or base.weight.dtype not in (torch.float32, torch.float64) or w[0].dtype != base.weight.dtype:
+            return None
+        return w
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         st = self.state
-        name = self._merge_on_the_fly(x, st) if not args and not kwargs else None
-        if name is not None:
-            return core.linear_merged(x, self.kind.matrix(self.base_layer), self.base_layer.bias,
-                                      self.lora_A[name], self.lora_B[name], self.scaling[name])
+        w = self._merge_on_the_fly(x, st) if not args and not kwargs else None
+        if w is not None:
+            return core.linear_merged(x, self.kind.matrix(self.base_layer), self.base_layer.bias, *w)
         y = self.base_layer(x, *args, **kwargs)
         if st.disabled:
             return y
@@ -174,7 +183,7 @@ class LoraLayer(_Wrapper):
         return y
 
     def _per_row(self, x: Tensor, y: Tensor, st: LoraState) -> Tensor:
-        """Mixed batch: row i gets st.rows[i]'s adapter, as one grouped matmul (lorakit.batch)."""
+        """Mixed batch: row i gets st.rows[i]'s adapter, as two batched matmuls (lorakit.batch)."""
         from .batch import layer_forward
 
         return layer_forward(self, x, y, st)

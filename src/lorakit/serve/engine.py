@@ -3,7 +3,7 @@
 HTTP handlers (any thread) submit work items; the worker collects what arrives within a short
 wait window, puts requests for different adapters in one batch (up to the bank's capacity of
 distinct adapters) and runs it through the bank's mixed-batch path: the base runs once per
-batch, each row's adapter as one grouped matmul per layer. Adapter loads and unloads are done by
+batch, each row's adapter through two batched matmuls per layer. Adapter loads and unloads are done by
 the worker between batches, so a forward never sees the model change under it. A request pins
 the exact adapter version it was admitted with: unloading or replacing an adapter never breaks a
 request already admitted.
