@@ -79,48 +79,59 @@ class _LoraLinear(torch.autograd.Function):
     """y + s * dropout_p(x) @ A.T @ B.T for linear-like layers, as one autograd node.
 
     Why: the scale multiplies the r-wide h (not the out-wide output), the add is fused into the
-    second matmul (addmm), and with dropout only the 1-byte keep-mask is kept for backward, where
-    dropout(x) is recomputed, instead of dropout(x) itself (4 bytes per input element per adapted
-    layer, what a stock nn.Dropout + nn.Linear chain keeps). Shapes: x (..., in), y (..., out),
-    A (r, in), B (out, r). Math runs in the adapter's dtype; gradients come back in each input's.
+    second matmul (addmm, in place of y when autograd allows), and with dropout only the 1-byte
+    keep-mask is kept for backward, where dropout(x) is recomputed, instead of dropout(x) itself
+    (4 bytes per input element per adapted layer, what a stock nn.Dropout + nn.Linear chain keeps).
+    Every product whose result is r wide is computed transposed, r rows by N: BLAS runs a matmul
+    with 8-16 output columns several times slower than the same one with 8-16 rows (measured on
+    CPU: B's gradient 4-9x, h's gradient 3-4x faster this way; see benchmarks/bench_train.py).
+    Shapes: x (..., in), y (..., out), A (r, in), B (out, r). Math runs in the adapter's dtype;
+    gradients come back in each input's.
     """
 
     @staticmethod
-    def forward(ctx, y: Tensor, x: Tensor, A: Tensor, B: Tensor, s: float, p: float) -> Tensor:
+    def forward(ctx, y: Tensor, x: Tensor, A: Tensor, B: Tensor, s: float, p: float, inplace: bool) -> Tensor:
         x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
         mask = None
         if p:
             x2, mask = torch.native_dropout(x2, p, True)  # the fused kernel F.dropout uses
-        hs = (x2 @ A.t()).mul_(s)
-        y2 = y.reshape(-1, y.shape[-1])
-        if y2.dtype == A.dtype:
-            out = torch.addmm(y2, hs, B.t())
+        hsT = (A @ x2.t()).mul_(s)  # (r, N)
+        # in place only on a plain tensor: not a leaf autograd tracks, not a view (a view made by a
+        # custom Function, as bitsandbytes' outputs are, must not be modified in place)
+        plain = inplace and y.is_contiguous() and y._base is None and not (y.is_leaf and y.requires_grad)
+        y2 = y.view(-1, y.shape[-1]) if plain else None
+        if y2 is not None and y2.dtype == A.dtype:
+            y2.addmm_(hsT.t(), B.t())  # in place: the base output is not needed by its own backward
+            ctx.mark_dirty(y)
+            out = y
+        elif y.dtype == A.dtype:
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), hsT.t(), B.t()).view(y.shape)
         else:  # low-precision base, float32 adapter: add once, in the base's dtype
-            out = y2 + (hs @ B.t()).to(y2.dtype)
-        ctx.save_for_backward(x, A, B, hs, mask)
+            out = y + (hsT.t() @ B.t()).to(y.dtype).view(y.shape)
+        ctx.save_for_backward(x, A, B, hsT, mask)
         ctx.s, ctx.p = s, p
-        return out.view(y.shape)
+        return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, A, B, hs, mask = ctx.saved_tensors
+        x, A, B, hsT, mask = ctx.saved_tensors
         s, p = ctx.s, ctx.p
         g2 = g.reshape(-1, g.shape[-1]).to(A.dtype)
-        dB = g2.t() @ hs if ctx.needs_input_grad[3] else None
+        dB = (hsT @ g2).t() if ctx.needs_input_grad[3] else None
         dA = dx = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dh = (g2 @ B).mul_(s)
+            dhT = (B.t() @ g2.t()).mul_(s)  # (r, N)
             if ctx.needs_input_grad[2]:
                 x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
-                if p:
-                    x2 = x2 * mask * (1.0 / (1.0 - p))
-                dA = dh.t() @ x2
+                if p:  # dropout(x) again, from the mask (one fused pass)
+                    x2 = torch.ops.aten.native_dropout_backward(x2, mask, 1.0 / (1.0 - p))
+                dA = dhT @ x2
             if ctx.needs_input_grad[1]:
-                dx2 = dh @ A
+                dx2 = dhT.t() @ A
                 if p:
-                    dx2.mul_(mask).mul_(1.0 / (1.0 - p))
+                    dx2 = torch.ops.aten.native_dropout_backward(dx2, mask, 1.0 / (1.0 - p))
                 dx = dx2.view(x.shape).to(x.dtype)
-        return g, dx, dA, dB, None, None
+        return g, dx, dA, dB, None, None, None
 
 
 def linear_merged(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tensor, s: float) -> Tensor:
@@ -133,9 +144,11 @@ def linear_merged(x: Tensor, W: Tensor, bias: Tensor | None, A: Tensor, B: Tenso
     return F.linear(x, torch.addmm(W, B.to(W.dtype), A.to(W.dtype), alpha=s), bias)
 
 
-def lora_linear(y: Tensor, x: Tensor, A: Tensor, B: Tensor, s: float, p: float = 0.0) -> Tensor:
+def lora_linear(y: Tensor, x: Tensor, A: Tensor, B: Tensor, s: float, p: float = 0.0, inplace: bool = False) -> Tensor:
     """y + s * B(A(dropout_p(x))) for layers whose input meets A by a plain matmul.
 
     The same function as `y + lora_out(dropout(x), A, B, s)`, cheaper in time and memory (see
-    _LoraLinear). p > 0 draws a dropout mask from torch's global RNG (pass p=0 in eval mode)."""
-    return _LoraLinear.apply(y, x, A, B, s, p)
+    _LoraLinear). p > 0 draws a dropout mask from torch's global RNG (pass p=0 in eval mode).
+    inplace: y may be updated in place and returned (a layer's fresh output that no other
+    autograd node needs, as a Linear's is)."""
+    return _LoraLinear.apply(y, x, A, B, s, p, inplace)

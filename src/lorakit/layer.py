@@ -177,7 +177,8 @@ class LoraLayer(_Wrapper):
                 if self.kind.project is _linear_project and name not in self.lora_magnitude_vector:
                     drop = self.lora_dropout[name]
                     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-                    y = core.lora_linear(y, x, self.lora_A[name], self.lora_B[name], self.scaling[name], p)
+                    y = core.lora_linear(y, x, self.lora_A[name], self.lora_B[name], self.scaling[name], p,
+                                         inplace=True)
                 else:
                     y = y + self.lora_delta_out(x, name, y).to(y.dtype)
         return y

