@@ -358,6 +358,43 @@ def test_fused_linear_path_matches_reference_gradients(p):
         assert 0.4 < kept < 0.95
 
 
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_fused_linear_in_place_path_has_the_same_gradients(p):
+    """inplace=True adds into y's own memory (a layer's fresh output): same values and gradients."""
+    from lorakit import core
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 6, dtype=torch.double, requires_grad=True)
+    y0 = torch.randn(3, 4, 5, dtype=torch.double, requires_grad=True)
+    A = torch.randn(2, 6, dtype=torch.double, requires_grad=True)
+    B = torch.randn(5, 2, dtype=torch.double, requires_grad=True)
+
+    def fn(inplace):
+        def f(y0, x, A, B):
+            torch.manual_seed(7)
+            y = y0 * 1.0  # a non-leaf, as a Linear's output
+            out = core.lora_linear(y, x, A, B, 0.7, p, inplace=inplace)
+            assert (out.data_ptr() == y.data_ptr()) == inplace
+            return out
+        return f
+
+    assert torch.autograd.gradcheck(fn(True), (y0, x, A, B))
+    torch.testing.assert_close(fn(True)(y0, x, A, B), fn(False)(y0, x, A, B))
+
+
+def test_a_hook_on_the_base_layer_keeps_the_base_output():
+    """A forward hook that keeps the base module's output (activation capture) must see the base
+    output, not base + LoRA: no in-place add then."""
+    model = nn.Sequential(nn.Linear(4, 4, bias=False))
+    lk.inject(model, lk.LoraConfig(r=2, targets=["0"], init=False))
+    kept = []
+    model[0].base_layer.register_forward_hook(lambda m, i, o: kept.append(o))
+    x = torch.randn(2, 3, 4)
+    out = model(x)
+    torch.testing.assert_close(kept[0], x @ model[0].base_layer.weight.T)
+    assert not torch.equal(out, kept[0])
+
+
 def test_dropout_keeps_only_a_one_byte_mask_for_backward():
     """With dropout a layer saves only its keep-mask more (1 byte per input element), not a
     dropped copy of its input (4 bytes)."""

@@ -102,3 +102,23 @@ def test_targeted_lm_head_falls_back_to_the_model_loss():
     assert fusable_head(model) is None
     ids = torch.randint(0, 128, (2, 7))
     torch.testing.assert_close(causal_lm_loss(model, ids, ids), model(input_ids=ids, labels=ids).loss)
+
+
+def test_granite_logits_scaling_is_not_fused_and_matches_hf():
+    """Granite divides its logits by config.logits_scaling: fusing the plain head would be wrong."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    model = GraniteForCausalLM(GraniteConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                             num_attention_heads=2, num_key_value_heads=2, logits_scaling=8.0))
+    assert fusable_head(model) is None
+    ids = torch.randint(0, 64, (2, 6))
+    torch.testing.assert_close(causal_lm_loss(model, ids, ids), model(input_ids=ids, labels=ids).loss)
+
+
+def test_no_grad_loss_equals_grad_loss():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 8))
+    with torch.no_grad():
+        a = causal_lm_loss(model, ids, ids)
+    torch.testing.assert_close(a, model(input_ids=ids, labels=ids).loss.detach())

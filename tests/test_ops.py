@@ -142,3 +142,12 @@ def test_dropout_rows():
     assert torch.equal(out[0], x[0])
     assert set(out[1].unique().tolist()) <= {0.0, 2.0} and 0.4 < (out[1] == 0).float().mean() < 0.6
     assert 0.85 < (out[2] == 0).float().mean() < 0.95
+
+
+def test_rows_must_match_the_plan_and_empty_sequences_pass_through():
+    A, B = stacks()
+    plan = ops.plan_rows([1, 2, 3])
+    with pytest.raises(ValueError, match="4 rows but the plan names 3"):
+        ops.lora_rows(torch.randn(4, 2, A.shape[2]), A, B, plan)
+    y = torch.randn(3, 0, B.shape[2])
+    assert ops.lora_rows(torch.randn(3, 0, A.shape[2]), A, B, plan, y=y) is y

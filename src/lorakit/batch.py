@@ -119,7 +119,7 @@ def layer_forward(layer: LoraLayer, x: Tensor, y: Tensor, st: LoraState) -> Tens
         if stacks is None:
             return y
         A, B = stacks
-    inplace = not torch.is_grad_enabled()  # y is this layer's fresh base output
+    inplace = not torch.is_grad_enabled() and layer._owns_output()  # y: this layer's fresh base output
     if kind == "embedding":
         return ops.embedding_rows(x, A, B, plan, y=y, padding_idx=layer.base_layer.padding_idx, inplace=inplace)
     return ops.lora_rows(x, A, B, plan, y=y, inplace=inplace)

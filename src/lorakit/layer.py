@@ -178,10 +178,15 @@ class LoraLayer(_Wrapper):
                     drop = self.lora_dropout[name]
                     p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
                     y = core.lora_linear(y, x, self.lora_A[name], self.lora_B[name], self.scaling[name], p,
-                                         inplace=True)
+                                         inplace=self._owns_output())
                 else:
                     y = y + self.lora_delta_out(x, name, y).to(y.dtype)
         return y
+
+    def _owns_output(self) -> bool:
+        """The base output may be updated in place: no hook of the base module may hold it."""
+        base = self.base_layer
+        return not (base._forward_hooks or base._forward_pre_hooks)
 
     def _per_row(self, x: Tensor, y: Tensor, st: LoraState) -> Tensor:
         """Mixed batch: row i gets st.rows[i]'s adapter, as two batched matmuls (lorakit.batch)."""

@@ -141,6 +141,11 @@ def plan_rows(slots: Sequence[int]) -> RowPlan:
     return RowPlan(list(slots))
 
 
+def _check_rows(rows: int, plan: RowPlan) -> None:
+    if rows != len(plan.slots):
+        raise ValueError(f"the batch has {rows} rows but the plan names {len(plan.slots)} slots")
+
+
 # ---- in-place or not -------------------------------------------------------------------------
 def _addmm(y: Tensor, a: Tensor, b: Tensor, inplace: bool) -> Tensor:
     if y.dtype != a.dtype:
@@ -182,9 +187,10 @@ def lora_rows(x: Tensor, A: Tensor, Bt: Tensor, plan: RowPlan, y: Tensor | None 
     rows, n_in = x.shape[0], x.shape[-1]
     n_out = Bt.shape[2]
     out_shape = (*x.shape[:-1], n_out)
+    _check_rows(rows, plan)
     if y is None:
         y, inplace = torch.zeros(out_shape, dtype=A.dtype, device=x.device), True
-    if plan.empty:
+    if plan.empty or x.numel() == 0:
         return y
     T = x.numel() // (rows * n_in)
     x2 = x.reshape(rows * T, n_in).to(A.dtype)
@@ -223,9 +229,10 @@ def embedding_rows(ids: Tensor, At: Tensor, Bt: Tensor, plan: RowPlan, y: Tensor
     rows = ids.shape[0]
     V, r, n_out = At.shape[1], At.shape[2], Bt.shape[2]
     out_shape = (*ids.shape, n_out)
+    _check_rows(rows, plan)
     if y is None:
         y, inplace = torch.zeros(out_shape, dtype=At.dtype, device=ids.device), True
-    if plan.empty:
+    if plan.empty or ids.numel() == 0:
         return y
     T = ids.numel() // rows
     flat = ids.reshape(rows * T)

@@ -16,17 +16,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 IGNORE = -100
-_SAFE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo", "olmo2", "granite"}
+# model types whose loss is exactly backbone -> plain Linear head -> shifted mean cross-entropy
+# (not e.g. Granite, which divides the logits by config.logits_scaling, or Gemma2's soft-capping)
+_SAFE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo", "olmo2"}
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h: Tensor, W: Tensor, b: Tensor | None, labels: Tensor, chunk: int) -> Tensor:
+    def forward(ctx, h: Tensor, W: Tensor, b: Tensor | None, labels: Tensor, chunk: int, grad: bool) -> Tensor:
         valid = labels != IGNORE
         acc = torch.promote_types(h.dtype, torch.float32)  # logits in float32 at least, as HF does
         n = valid.sum().clamp(min=1).to(acc)
-        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        want_b = b is not None and ctx.needs_input_grad[2]
+        want_h, want_w = grad and ctx.needs_input_grad[0], grad and ctx.needs_input_grad[1]
+        want_b = grad and b is not None and ctx.needs_input_grad[2]
         gh = torch.empty_like(h) if want_h else None
         gW = torch.zeros_like(W, dtype=acc) if want_w else None
         gb = torch.zeros_like(b, dtype=acc) if want_b else None
@@ -54,7 +56,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         grads = [None if t is None else (t * g).to(dt) for t, dt in zip(ctx.saved_tensors, ctx.dtypes)]
-        return grads[0], grads[1], grads[2], None, None
+        return grads[0], grads[1], grads[2], None, None, None
 
 
 def linear_cross_entropy(h: Tensor, W: Tensor, b: Tensor | None, labels: Tensor, chunk: int | None = None) -> Tensor:
@@ -67,7 +69,7 @@ def linear_cross_entropy(h: Tensor, W: Tensor, b: Tensor | None, labels: Tensor,
         raise ValueError(f"linear_cross_entropy wants h (N, hidden) and labels (N,), got {tuple(h.shape)} and "
                          f"{tuple(labels.shape)}")
     chunk = chunk or max(1, (4 << 20) // W.shape[0])
-    return _LinearCrossEntropy.apply(h, W, b, labels, chunk)
+    return _LinearCrossEntropy.apply(h, W, b, labels, chunk, torch.is_grad_enabled())  # no-grad: loss only
 
 
 def fusable_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
@@ -78,9 +80,11 @@ def fusable_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
         return None
     head = model.get_output_embeddings()
     backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
-    if type(head) is not nn.Linear or backbone is None or head._forward_hooks or head._forward_pre_hooks:
+    if (type(head) is not nn.Linear or backbone is None or head._forward_hooks or head._forward_pre_hooks
+            or hasattr(head, "_hf_hook")):  # (accelerate replaces a dispatched module's forward)
         return None
-    if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0):
+    if getattr(cfg, "final_logit_softcapping", None) or any(
+            getattr(cfg, k, None) not in (None, 1, 1.0) for k in ("logit_scale", "logits_scaling")):
         return None
     return backbone, head
 
