@@ -19,7 +19,7 @@ def main() -> int:
     import lorakit as lk
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    dev = "cuda"
+    dev = sys.argv[1] if len(sys.argv) > 1 else "cuda"  # "cpu": a smoke test of this script
     failures = []
 
     def check(name, ok, detail=""):
