@@ -16,7 +16,8 @@ import warnings
 
 import torch
 
-from benchmarks.common import bar_plot, build_model, environment, interleaved, median, targets_for, write_results
+from benchmarks.common import (bar_plot, build_model, environment, interleaved, median, round_ratio, targets_for,
+                               unmerged, write_results)
 
 BATCH, SEQ = 4, 128
 
@@ -43,20 +44,8 @@ def lora_flops_per_token(model, r: int) -> float:
 
 
 def unmerged_forward(model, batch):
-    """The adapter path as such: no merging dW on the fly (which a no-grad forward over this many
-    tokens would otherwise do)."""
-    from lorakit.layer import state_of
-
-    st = state_of(model)
-    st.merge_on_the_fly = False
-    try:
+    with unmerged(model):
         return model(input_ids=batch).logits
-    finally:
-        st.merge_on_the_fly = True
-
-
-def round_ratio(times, a, b):
-    return median([x / y for x, y in zip(times[a], times[b])])
 
 
 def main(argv=None) -> None:

@@ -106,14 +106,10 @@ def main(argv=None) -> int:
             return model(x, **{CACHE: cache}, use_cache=cache is not None, logits_to_keep=1)
 
         def lk_unmerged(x, cache=None):  # the single adapter without merging dW on the fly (PEFT's way)
-            from lorakit.layer import state_of
+            from benchmarks.common import unmerged
 
-            st = state_of(model)
-            st.merge_on_the_fly = False
-            try:
+            with unmerged(model):
                 return lk_single(x, cache)
-            finally:
-                st.merge_on_the_fly = True
 
         def lk_mixed(k):
             rows_names = lambda rows: [names[i % k] for i in range(rows)]  # noqa: E731

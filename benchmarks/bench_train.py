@@ -23,8 +23,8 @@ import warnings
 
 import torch
 
-from benchmarks.common import (PeakMemory, bar_plot, build_model, environment, interleaved, median, run_probe,
-                               targets_for, write_results)
+from benchmarks.common import (PeakMemory, bar_plot, build_model, environment, interleaved, median, round_ratio,
+                               run_probe, targets_for, write_results)
 from benchmarks.common import train_step as step
 
 BATCH, SEQ = 4, 128
@@ -80,10 +80,6 @@ def fused_step(model, opt, batch) -> float:
 def step_for(lib: str):
     return fused_step if lib == "lorakit+loss" else step
 
-
-def round_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
-    """Median over rounds of a's time / b's time in the same round (cancels slow drifts)."""
-    return median([x / y for x, y in zip(times[a], times[b])])
 
 
 def saved_bytes(model, batch) -> int:

@@ -14,6 +14,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -99,6 +100,25 @@ def median(xs: list[float]) -> float:
 
 def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     return median(times[a]) / median(times[b])
+
+
+def round_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of a's time / b's time in the same round (cancels slow drifts)."""
+    return median([x / y for x, y in zip(times[a], times[b])])
+
+
+@contextmanager
+def unmerged(model):
+    """The adapter path as such: no merging dW into W on the fly (which a no-grad forward over many
+    tokens would otherwise do), as PEFT runs an adapter."""
+    from lorakit.layer import state_of
+
+    st = state_of(model)
+    st.merge_on_the_fly = False
+    try:
+        yield
+    finally:
+        st.merge_on_the_fly = True
 
 
 # ---- memory ------------------------------------------------------------------------------------

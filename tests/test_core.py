@@ -334,15 +334,19 @@ def test_dropout_is_active_in_training_only(tokens):
     assert not torch.equal(a, b)
 
 
+def _fused_inputs():
+    """x, y, A, B for the fused linear node, float64 leaves that require grad."""
+    torch.manual_seed(0)
+    shapes = [(3, 4, 6), (3, 4, 5), (2, 6), (5, 2)]
+    x, y, A, B = (torch.randn(*s, dtype=torch.double, requires_grad=True) for s in shapes)
+    return x, y, A, B
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_fused_linear_path_matches_reference_gradients(p):
     from lorakit import core
 
-    torch.manual_seed(0)
-    x = torch.randn(3, 4, 6, dtype=torch.double, requires_grad=True)
-    y = torch.randn(3, 4, 5, dtype=torch.double, requires_grad=True)
-    A = torch.randn(2, 6, dtype=torch.double, requires_grad=True)
-    B = torch.randn(5, 2, dtype=torch.double, requires_grad=True)
+    x, y, A, B = _fused_inputs()
 
     def fn(y, x, A, B):  # the same dropout mask on every call
         torch.manual_seed(7)
@@ -363,11 +367,7 @@ def test_fused_linear_in_place_path_has_the_same_gradients(p):
     """inplace=True adds into y's own memory (a layer's fresh output): same values and gradients."""
     from lorakit import core
 
-    torch.manual_seed(0)
-    x = torch.randn(3, 4, 6, dtype=torch.double, requires_grad=True)
-    y0 = torch.randn(3, 4, 5, dtype=torch.double, requires_grad=True)
-    A = torch.randn(2, 6, dtype=torch.double, requires_grad=True)
-    B = torch.randn(5, 2, dtype=torch.double, requires_grad=True)
+    x, y0, A, B = _fused_inputs()
 
     def fn(inplace):
         def f(y0, x, A, B):
