@@ -382,6 +382,36 @@ def test_fused_linear_in_place_path_has_the_same_gradients(p):
     torch.testing.assert_close(fn(True)(y0, x, A, B), fn(False)(y0, x, A, B))
 
 
+@pytest.mark.parametrize("kind", ["embedding", "conv"])
+def test_generic_adapter_path_gradients(kind):
+    """core.lora_out (embeddings, convolutions, DoRA) against autograd's numerical gradients."""
+    from functools import partial
+
+    from lorakit import core, kinds
+
+    torch.manual_seed(0)
+    if kind == "embedding":
+        base = nn.Embedding(7, 5).double()
+        x = torch.randint(0, 7, (2, 3))
+        A = torch.randn(3, 7, dtype=torch.double, requires_grad=True)
+        B = torch.randn(5, 3, dtype=torch.double, requires_grad=True)
+        args, cd = (A, B), -1
+    else:
+        base = nn.Conv2d(2, 4, 3).double()
+        x = torch.randn(2, 2, 5, 5, dtype=torch.double, requires_grad=True)
+        A = torch.randn(3, 2, 3, 3, dtype=torch.double, requires_grad=True)
+        B = torch.randn(4, 3, 1, 1, dtype=torch.double, requires_grad=True)
+        args, cd = (x, A, B), 1
+    kind_ = kinds.kind_of(base)
+    project = partial(kind_.project, base)
+
+    def fn(*t):
+        xx, AA, BB = (x, *t) if kind == "embedding" else t
+        return core.lora_out(xx, AA, BB.reshape(BB.shape[0], -1), 0.7, project=project, channel_dim=cd)
+
+    assert torch.autograd.gradcheck(fn, args)
+
+
 def test_a_hook_on_the_base_layer_keeps_the_base_output():
     """A forward hook that keeps the base module's output (activation capture) must see the base
     output, not base + LoRA: no in-place add then."""
