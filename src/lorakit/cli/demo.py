@@ -55,9 +55,11 @@ def default_tasks() -> list[DemoTask]:
         DemoTask("topic", "BBC News topic, 5 classes",
                  lambda: datasets.split(datasets.bbc_news(), n_train=400, n_test=250, seed=0),
                  max_length=128, epochs=2, batch_size=16),
+        # LoRA at 1e-2 sits at the edge of stability here: rounding-level differences decided
+        # between 0.62 and a collapse to one class (0.33); 5e-3 gave 0.70 / 0.68 over two seeds
         DemoTask("sentiment", "tweet sentiment, 3 classes",
                  lambda: datasets.split(datasets.tweets(), n_train=1000, n_test=500, seed=0),
-                 max_length=64, epochs=2, batch_size=16),
+                 max_length=64, epochs=2, batch_size=16, lr={"head": 1e-2, "lora": 5e-3, "full": 4e-4}),
     ]
 
 
