@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.common import RESULTS, round_ratio, sync
 CACHE = "past_key_values"  # the KV-cache keyword of this transformers version
 
 
@@ -35,11 +35,6 @@ def build(args):
     cfg = LlamaConfig(vocab_size=args.vocab, hidden_size=768, intermediate_size=2048, num_hidden_layers=4,
                       num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512)
     return LlamaForCausalLM(cfg).to(args.device, getattr(torch, args.dtype)).eval()
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def main(argv=None) -> int:
@@ -161,15 +156,13 @@ def main(argv=None) -> int:
         if k in ("single", "unmerged"):
             continue
         single = med[(phase, lib, "single")]
-        # the ratio of each round (same minute of machine time), then the median over rounds:
-        # slow drifts of a shared machine cancel, which a ratio of medians would not do
-        pairs = zip(times[(phase, lib, k)], times[(phase, lib, "single")])
-        ratio = statistics.median(t / t1 if phase == "prefill" else t1 / t for t, t1 in pairs)
+        # per-round ratios: slow drifts of a shared machine cancel, which a ratio of medians would not do
+        key, one = (phase, lib, k), (phase, lib, "single")
+        ratio = round_ratio(times, key, one) if phase == "prefill" else round_ratio(times, one, key)
         row = {"phase": phase, "library": lib, "distinct_adapters": k, "median_s": m, "single_median_s": single,
                "ratio": ratio, "ratio_kind": "time vs single" if phase == "prefill" else "throughput vs single"}
         if (phase, lib, "unmerged") in times:  # lorakit's single adapter without merge-on-the-fly
-            row["ratio_vs_unmerged"] = statistics.median(
-                t / t1 for t, t1 in zip(times[(phase, lib, k)], times[(phase, lib, "unmerged")]))
+            row["ratio_vs_unmerged"] = round_ratio(times, key, (phase, lib, "unmerged"))
         rows.append(row)
     result = {
         "config": {"layers": 4, "hidden": 768, "intermediate": 2048, "heads": 12, "vocab": args.vocab, "r": 16,

@@ -70,11 +70,7 @@ def fused_step(model, opt, batch) -> float:
     """train_step with lorakit's fused LM-head + cross-entropy loss (what `lorakit train` runs)."""
     from lorakit.train import causal_lm_loss
 
-    loss = causal_lm_loss(model, batch, batch)
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    return loss.item()
+    return step(model, opt, batch, loss_fn=causal_lm_loss)
 
 
 def step_for(lib: str):

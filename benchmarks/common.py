@@ -60,9 +60,10 @@ def targets_for(model_name: str, which: str):
     return "all-linear" if which == "all-linear" else TARGETS[(model_name, which)]
 
 
-def train_step(model, opt, batch) -> float:
-    """One causal-LM training step (forward, backward, optimizer); returns the loss."""
-    loss = model(input_ids=batch, labels=batch).loss
+def train_step(model, opt, batch, loss_fn=None) -> float:
+    """One causal-LM training step (forward, backward, optimizer); returns the loss.
+    loss_fn(model, input_ids, labels): the loss (default: the model's own, model(labels=...).loss)."""
+    loss = loss_fn(model, batch, batch) if loss_fn else model(input_ids=batch, labels=batch).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)

@@ -8,7 +8,7 @@ import torch
 
 import lorakit as lk
 from lorakit.bank import AdapterBank
-from tiny import tiny_bert, tiny_llama
+from tiny import randomize, tiny_bert, tiny_llama
 
 RANKS = {"a": 2, "b": 8, "c": 4, "d": 1}
 
@@ -20,9 +20,7 @@ def saved(tmp_path_factory):
         m = tiny_llama()
         targets = ["q_proj", "v_proj", "embed_tokens"] if i % 2 == 0 else ["k_proj", "o_proj", "up_proj"]
         lk.inject(m, lk.LoraConfig(r=r, alpha=3 * r, targets=targets, init=False, rslora=i == 3), name)
-        with torch.no_grad():
-            for p in lk.adapter_parameters(m, name):
-                p.normal_(0, 0.3)
+        randomize(m, name, 0.3)
         lk.save_adapter(m, root / name, name)
     return root
 
@@ -106,9 +104,7 @@ def test_bank_classifier_heads_per_row(tmp_path):
         m = tiny_bert()
         lk.inject(m, lk.LoraConfig(r=4, alpha=8, targets=["query", "value"], modules_to_save=["classifier"], init=False), name)
         torch.manual_seed(seed)
-        with torch.no_grad():
-            for p in lk.adapter_parameters(m, name):
-                p.normal_(0, 0.3)
+        randomize(m, name, 0.3)
         lk.save_adapter(m, tmp_path / name, name)
     model = tiny_bert()
     bank = AdapterBank(model, capacity=2)

@@ -9,7 +9,7 @@ import torch
 import lorakit as lk
 from lorakit.batch import RowGroups
 from lorakit.layer import state_of
-from tiny import tiny_gpt2, tiny_llama
+from tiny import randomize, tiny_gpt2, tiny_llama
 
 ADAPTERS = [("a", 2), ("b", 4), ("c", 8), ("d", 3), ("e", 4)]
 
@@ -23,9 +23,7 @@ def build(arch: str, dtype=torch.float32):
     for i, (name, r) in enumerate(ADAPTERS):
         t = targets if i != 3 else targets[:1]  # "d" touches only one kind of layer
         lk.inject(model, lk.LoraConfig(r=r, alpha=2 * r, targets=t, init=False), name)
-        with torch.no_grad():
-            for p in lk.adapter_parameters(model, name):
-                p.normal_(0, 0.2)  # a visible effect per adapter
+        randomize(model, name, 0.2)  # a visible effect per adapter
     return model
 
 

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import lorakit as lk
 from lorakit.bank import AdapterBank
 from lorakit.errors import AdapterFileError
-from tiny import tiny_bert
+from tiny import randomize, tiny_bert
 
 HEADS = {"three": 3, "five": 5}
 
@@ -36,9 +36,7 @@ def saved(tmp_path_factory):
                             init=False, task_type="SEQ_CLS")
         lk.inject(m, cfg, name)
         torch.manual_seed(10 + i)
-        with torch.no_grad():
-            for p in lk.adapter_parameters(m, name):
-                p.normal_(0, 0.4)
+        randomize(m, name, 0.4)
         lk.save_adapter(m, root / name, name)
     return root
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from tiny import tiny_bert, tiny_llama
+from tiny import randomize, tiny_bert, tiny_llama
 
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
@@ -107,9 +107,7 @@ def lm(tmp_path_factory):
         m = llama()
         lk.inject(m, lk.LoraConfig(r=r, alpha=2 * r, targets=targets, init=False), name)
         torch.manual_seed(i)
-        with torch.no_grad():
-            for p in lk.adapter_parameters(m, name):
-                p.normal_(0, 0.4)
+        randomize(m, name, 0.4)
         lk.save_adapter(m, (adapters / "later" / name) if name == "delta" else (adapters / name), name)
     outside = root / "outside" / "evil"
     lk.save_adapter(m, outside, "delta")
@@ -286,9 +284,7 @@ def test_classify_server(tmp_path):
         lk.inject(m, lk.LoraConfig(r=4, alpha=8, targets=["query", "value"], modules_to_save=["classifier"], init=False,
                                    task_type="SEQ_CLS" if n != 3 else None), name)
         torch.manual_seed(i)
-        with torch.no_grad():
-            for p in lk.adapter_parameters(m, name):
-                p.normal_(0, 0.4)
+        randomize(m, name, 0.4)
         lk.save_adapter(m, adapters / name, name)
     # `lorakit train` writes the class names beside the adapter; "pos"/"neg" carry none (LABEL_i)
     five = ["sport", "tech", "politics", "business", "film"]

@@ -13,6 +13,7 @@ import torch
 
 import lorakit as lk
 from lorakit.cli import demo
+from tiny import randomize
 
 NAMES = ["topic", "sentiment"]
 
@@ -75,9 +76,7 @@ def random_minilm_adapter(folder, labels, seed):
                         task_type="SEQ_CLS")
     lk.inject(m, cfg, "default")
     torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in lk.adapter_parameters(m, "default"):
-            p.normal_(0, 0.3)
+    randomize(m, "default", 0.3)
     lk.save_adapter(m, folder, "default", base_model_name_or_path="minilm")
     (folder / "metrics.json").write_text(json.dumps({"labels": labels}))
     return m, loaded.tokenizer

@@ -34,3 +34,12 @@ def tiny_bert(seed: int = 0, num_labels: int = 3, **kw):
 
 MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}
 
+
+
+def randomize(model, name: str, std: float) -> None:
+    """Give adapter `name` random A and B (init leaves B = 0: no visible effect per adapter)."""
+    import lorakit as lk
+
+    with torch.no_grad():
+        for p in lk.adapter_parameters(model, name):
+            p.normal_(0, std)

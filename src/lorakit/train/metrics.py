@@ -43,27 +43,29 @@ def reset_peak_memory() -> str:
         return "peak RSS of the whole process (getrusage ru_maxrss)"
 
 
-def peak_memory_mb() -> float:
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (Linux) in MB, or None where there is none."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def peak_memory_mb() -> float:
+    mb = _status_mb("VmHWM")
+    if mb is not None:
+        return mb
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / (1024 * 1024) if sys.platform == "darwin" else peak / 1024
 
 
 def current_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return peak_memory_mb()
+    mb = _status_mb("VmRSS")
+    return mb if mb is not None else peak_memory_mb()
 
 
 # ---- files ----------------------------------------------------------------------------------
