@@ -99,8 +99,8 @@ def layer_forward(layer: LoraLayer, x: Tensor, y: Tensor, st: LoraState) -> Tens
     if x.shape[0] != len(st.rows):
         raise LoraError(f"per_row was given {len(st.rows)} adapter names but the batch has {x.shape[0]} rows")
     kind = _fast_kind(layer)
-    if not isinstance(g, RowGroups) or kind is None or (g.model_mode and any(
-            n in layer.lora_magnitude_vector for n in g.used if hasattr(layer, "lora_magnitude_vector"))):
+    mags = layer._modules["lora_magnitude_vector"]._parameters  # DoRA adapters: reference loop
+    if not isinstance(g, RowGroups) or kind is None or (g.model_mode and mags and not mags.keys().isdisjoint(g.used)):
         if isinstance(g, RowGroups) and not g.model_mode:
             raise LoraError(f"the adapter bank cannot run a {layer.kind.name} layer")
         return reference_layer(layer, x, y, g)
