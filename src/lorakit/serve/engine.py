@@ -140,6 +140,8 @@ class Engine:
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._pos_ids = "position_ids" in params
+        # the last position's logits only: a prompt's full logits are tokens x vocab per row
+        self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         # registry: public name -> bank key; pinned requests count per key; keys to drop when unpinned
         self._lock = threading.Lock()
         self._registry: dict[str, str] = {}
@@ -389,7 +391,7 @@ class Engine:
         done: list[str | None] = [None] * B
         steps = max(r.max_tokens for r, _ in rows)
         with self.bank.rows(names):
-            kw = {"attention_mask": mask, "use_cache": True}
+            kw = {"attention_mask": mask, "use_cache": True, **self._last_only}
             if self._pos_ids:
                 kw["position_ids"] = pos
             out = self.model(input_ids=ids, **kw)
@@ -421,7 +423,7 @@ class Engine:
                     break
                 mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
                 pos = pos[:, -1:] + 1
-                kw = {"attention_mask": mask, "use_cache": True, self._cache_kw: out.past_key_values}
+                kw = {"attention_mask": mask, "use_cache": True, self._cache_kw: out.past_key_values, **self._last_only}
                 if self._pos_ids:
                     kw["position_ids"] = pos
                 out = self.model(input_ids=nxt[:, None].to(self.device), **kw)
