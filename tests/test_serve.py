@@ -121,7 +121,7 @@ _expected: dict = {}
 
 def expected(lm, adapter, prompt, n, chat=False):
     """Greedy text from transformers' generate() with that adapter alone (no batching, no padding)."""
-    key = (adapter, prompt, n, chat)
+    key = (str(lm["model_dir"]), adapter, prompt, n, chat)
     if key not in _expected:
         from transformers import AutoModelForCausalLM
 
@@ -317,3 +317,91 @@ def test_classify_server(tmp_path):
         assert r.status_code == 400
     finally:
         stop(proc)
+
+
+@pytest.fixture(scope="module")
+def long_lm(tmp_path_factory):
+    """A base with a 512-token context (long generations) and two adapters."""
+    root = tmp_path_factory.mktemp("serve_long")
+    model_dir, adapters = root / "base", root / "adapters"
+    base = tiny_llama(vocab_size=258, max_position_embeddings=512, initializer_range=0.3, bos_token_id=None,
+                      eos_token_id=256, pad_token_id=257, tie_word_embeddings=False)
+    base.save_pretrained(model_dir)
+    byte_tokenizer().save_pretrained(model_dir)
+    for i, (name, (r, targets)) in enumerate(ADAPTERS.items()):
+        m = type(base)(base.config)
+        m.load_state_dict(base.state_dict())
+        lk.inject(m, lk.LoraConfig(r=r, alpha=2 * r, targets=targets, init=False), name)
+        torch.manual_seed(10 + i)
+        randomize(m, name, 0.4)
+        lk.save_adapter(m, adapters / name, name)
+    return {"model_dir": model_dir, "adapters": adapters, "tok": byte_tokenizer()}
+
+
+def _metric(url, name):
+    return float(next(l.split()[-1] for l in httpx.get(url + "/metrics").text.splitlines() if l.startswith(name)))
+
+
+def test_requests_join_a_running_generation_and_leave_before_it(long_lm):
+    """Continuous batching: requests sent while a long generation decodes join its batch (other
+    adapters, prompts longer and shorter than its cache) and finish first; every text is exact."""
+    proc, url = start(long_lm["model_dir"], long_lm["adapters"], max_resident=3)
+    try:
+        n_long = 300
+        want_long = expected(long_lm, "alpha", "b", n_long)
+        assert len(want_long) > 150  # the oracle does run long (no early end of sequence)
+        got, first, finished = [], threading.Event(), threading.Event()
+
+        def long_job():
+            body = {"model": "alpha", "prompt": "b", "max_tokens": n_long, "temperature": 0, "stream": True}
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+                for line in r.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        got.append(json.loads(line[6:])["choices"][0]["text"])
+                        first.set()
+            finished.set()
+
+        t = threading.Thread(target=long_job)
+        t.start()
+        assert first.wait(60)
+        shorts = [("beta", PROMPTS[3] * 3), ("gamma", PROMPTS[4])]  # 75 tokens (> the running cache), then 7
+        for model, prompt in shorts:
+            r = complete(url, model, prompt, 3)
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["text"] == expected(long_lm, model, prompt, 3), model
+            assert not finished.is_set(), "the short request waited for the long one"
+        t.join(120)
+        assert "".join(got) == want_long
+        assert _metric(url, "lorakit_rows_joined_total") >= 2
+    finally:
+        stop(proc)
+
+
+def test_engine_without_an_editable_cache_runs_one_batch_at_a_time(long_lm, monkeypatch):
+    """A KV cache the engine cannot edit (not a DynamicCache of full-attention layers): requests
+    wait for the running batch to end instead of joining it, and still get exact answers."""
+    from lorakit.serve import engine as eng
+
+    monkeypatch.setattr(eng._Running, "kv", lambda self, new=None: None)
+    e = eng.Engine(str(long_lm["model_dir"]), long_lm["adapters"], max_resident=3, wait_ms=1)
+    try:
+        jobs = [("alpha", PROMPTS[0], 12), ("beta", PROMPTS[3], 3), (None, PROMPTS[1], 5), ("gamma", PROMPTS[2], 9)]
+        outs = []
+        for model, prompt, n in jobs:
+            done, text = threading.Event(), []
+
+            def emit(ev, payload, text=text, done=done):
+                if ev == "delta":
+                    text.append(payload[1])
+                elif ev in ("finish", "error"):
+                    done.set()
+            key = e.pin(model if model else e.base_name)
+            e.submit(eng.GenRequest(key, long_lm["tok"](prompt)["input_ids"], n, 0.0, emit=emit))
+            outs.append((model, prompt, n, text, done))
+            time.sleep(0.005)  # the later ones arrive while the first decodes
+        for model, prompt, n, text, done in outs:
+            assert done.wait(60)
+            assert "".join(text) == expected(long_lm, model, prompt, n), model
+        assert e.metrics["rows_joined"] == 0 and e.metrics["batches"] >= 2
+    finally:
+        e.close()

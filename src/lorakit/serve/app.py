@@ -181,6 +181,8 @@ def create_app(engine: Engine) -> FastAPI:
             ("completion_tokens_total", "Tokens generated.", "counter", m["completion_tokens"]),
             ("batches_total", "Batches run by the worker.", "counter", m["batches"]),
             ("batch_rows_total", "Rows in those batches (mean batch size = rows / batches).", "counter", m["batch_rows"]),
+            ("rows_joined_total", "Generation rows that joined a batch already decoding (continuous batching).",
+             "counter", m["rows_joined"]),
             ("request_seconds_total", "Time spent answering HTTP requests.", "counter", round(m["request_seconds_sum"], 6)),
             ("adapters_registered", "Adapters that can be requested.", "gauge", len(engine.adapters())),
             ("adapters_resident", "Adapters in the bank's slots.", "gauge", bank["resident"]),

@@ -3,8 +3,10 @@
 HTTP handlers (any thread) submit work items; the worker collects what arrives within a short
 wait window, puts requests for different adapters in one batch (up to the bank's capacity of
 distinct adapters) and runs it through the bank's mixed-batch path: the base runs once per
-batch, each row's adapter through two batched matmuls per layer. Adapter loads and unloads are done by
-the worker between batches, so a forward never sees the model change under it. A request pins
+batch, each row's adapter through two batched matmuls per layer. Generation is continuously
+batched: requests that arrive while a batch decodes are prefilled and join it between two decode
+steps, and finished rows leave at once. Adapter loads and unloads are done by the worker between
+forwards, so a forward never sees the model change under it. A request pins
 the exact adapter version it was admitted with: unloading or replacing an adapter never breaks a
 request already admitted.
 """
@@ -52,6 +54,7 @@ class GenRequest:
     n: int = 1
     seed: int | None = None
     emit: Emit = lambda e, p: None
+    rows_left: int = field(default=0, init=False)  # choices still running (the worker's count)
 
 
 @dataclass
@@ -156,6 +159,7 @@ class Engine:
         self.metrics: Counter[str] = Counter()
         self._q: queue.Queue = queue.Queue()
         self._backlog: deque = deque()
+        self._running: _Running | None = None  # the generation batch in progress (worker thread only)
         if self.root is not None:
             if not self.root.is_dir():
                 raise LoraError(f"adapters folder {self.root} does not exist")
@@ -304,53 +308,52 @@ class Engine:
             return self._backlog.popleft()
         return self._q.get(timeout=timeout) if timeout is None or timeout > 0 else self._q.get_nowait()
 
+    def _gather(self, idle: bool) -> list | None:
+        """Work items to take now. Idle: wait for one, then for what arrives within the wait window.
+        While a generation runs: whatever is already queued, without waiting. None: shut down."""
+        items: list = []
+        deadline = 0.0
+        while len(items) < self.max_batch:
+            try:
+                item = self._next(None if idle and not items else (deadline - time.monotonic() if idle else 0))
+            except queue.Empty:
+                break
+            if item is None:
+                return None
+            if not items:
+                deadline = time.monotonic() + self.wait  # the window opens with the first item
+            items.append(item)
+        return items
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while True:
-            item = self._next(None)
-            if item is None:
+            items = self._gather(idle=self._running is None)
+            if items is None:
                 return
-            items, deadline = [item], time.monotonic() + self.wait
-            while len(items) < self.max_batch:
-                try:
-                    more = self._next(deadline - time.monotonic())
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._q.put(None)
-                    break
-                items.append(more)
             for c in [i for i in items if isinstance(i, Control)]:
                 try:
                     c.emit("done", c.fn())
                 except Exception as e:  # noqa: BLE001 - reported to the caller
                     c.emit("error", e)
-            for kind in (GenRequest, ClassifyRequest):
-                reqs = [i for i in items if isinstance(i, kind)]
-                if reqs:
-                    self._batch(reqs)
+            classify = [i for i in items if isinstance(i, ClassifyRequest)]
+            if classify:
+                self._batch(classify)
+            gen = [i for i in items if isinstance(i, GenRequest)]
+            if gen:
+                self._admit(gen)
+            if self._running is not None:
+                self._guarded([], self._decode_step)
             self._purge()
 
-    def _batch(self, reqs: list) -> None:
+    def _batch(self, reqs: list[ClassifyRequest]) -> None:
         """Take as many as fit the bank's capacity of distinct adapters; the rest wait."""
-        cap = self.bank.capacity or len(reqs)
-        keys: list[str] = []
-        take, rest = [], []
-        for r in reqs:
-            if r.key is None or r.key in keys or len(keys) < cap:
-                if r.key is not None and r.key not in keys:
-                    keys.append(r.key)
-                take.append(r)
-            else:
-                rest.append(r)
+        take, rest = self._fit(reqs, set(), 0)
         self._backlog.extend(rest)
         try:
-            if isinstance(take[0], GenRequest):
-                self._generate(take)
-            else:
-                self._classify(take)
+            self._classify(take)
             self.metrics["batches"] += 1
-            self.metrics["batch_rows"] += sum(getattr(r, "n", 1) if isinstance(r, GenRequest) else len(r.texts) for r in take)
+            self.metrics["batch_rows"] += sum(len(r.texts) for r in take)
         except Exception as e:  # noqa: BLE001 - every request of the batch gets the error
             log.exception("batch failed")
             for r in take:
@@ -358,6 +361,24 @@ class Engine:
         finally:
             for r in take:
                 self.release(r.key)
+
+    def _fit(self, reqs: list, keys: set, rows: int) -> tuple[list, list]:
+        """The requests that join a batch already holding adapters `keys` and `rows` rows: at most
+        the bank's capacity of distinct adapters and max_batch rows (one request always fits an
+        empty batch); the others wait, in order."""
+        cap = self.bank.capacity or len(reqs) + len(keys)
+        keys, take, rest = set(keys), [], []
+        for r in reqs:
+            n = r.n if isinstance(r, GenRequest) else len(r.texts)
+            new_key = r.key is not None and r.key not in keys
+            if rest or (new_key and len(keys) >= cap) or (rows and rows + n > self.max_batch):
+                rest.append(r)
+                continue
+            if new_key:
+                keys.add(r.key)
+            take.append(r)
+            rows += n
+        return take, rest
 
     def _classify(self, reqs: list[ClassifyRequest]) -> None:
         texts = [t for r in reqs for t in r.texts]
@@ -373,74 +394,206 @@ class Engine:
                               "tokens": int(enc["attention_mask"][i:i + len(r.texts)].sum())})
             i += len(r.texts)
 
-    def _generate(self, reqs: list[GenRequest]) -> None:
-        rows = [(r, c) for r in reqs for c in range(r.n)]
-        names = [r.key for r, _ in rows]
-        B, L = len(rows), max(len(r.prompt_ids) for r, _ in rows)
+    # ---- generation: continuous batching ------------------------------------------------------
+    # The worker keeps one running batch. New requests are prefilled on their own (a mixed batch of
+    # their adapters) and their rows join the running batch between two decode steps: its KV cache,
+    # attention mask and positions are left-padded to a common length. Finished rows leave at once,
+    # so a short request never waits for a long one. Caches that cannot be joined (other than
+    # transformers' DynamicCache of full-attention layers) run one batch at a time instead.
+    def _admit(self, reqs: list[GenRequest]) -> None:
+        run = self._running
+        if run is not None and run.kv() is None:  # this cache cannot take new rows: wait for the batch to end
+            self._backlog.extend(reqs)
+            return
+        live = [r for r in run.rows if not r.done] if run else []
+        take, rest = self._fit(reqs, {r.req.key for r in live}, len(live))
+        self._backlog.extend(rest)
+        if not take:
+            return
+        rows = [_Row(r, c, torch.Generator().manual_seed(r.seed + c) if r.seed is not None else None)
+                for r in take for c in range(r.n)]
+        for r in take:
+            r.rows_left = r.n
+        self._guarded(rows, lambda: self._prefill(rows))
+
+    def _guarded(self, rows: list[_Row], fn: Callable[[], None]) -> None:
+        """Run fn; if it fails, every request with a row in `rows` gets the error and leaves, and
+        so does the running batch unless `rows` are new ones (a failed prefill leaves it intact)."""
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - every request of the batch gets the error
+            log.exception("generation failed")
+            if not rows and self._running is not None:
+                rows, self._running = self._running.rows, None
+            reqs = {id(r.req): r.req for r in rows if not r.done}
+            for req in reqs.values():
+                req.emit("error", e)
+                req.rows_left = 0
+                self.release(req.key)
+
+    def _prefill(self, rows: list[_Row]) -> None:
+        B, L = len(rows), max(len(r.req.prompt_ids) for r in rows)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((B, L), pad, dtype=torch.long)
         mask = torch.zeros(B, L, dtype=torch.long)
-        for i, (r, _) in enumerate(rows):  # left padding: every row's next token is at the end
-            ids[i, L - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
-            mask[i, L - len(r.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        for i, r in enumerate(rows):  # left padding: every row's next token is at the end
+            ids[i, L - len(r.req.prompt_ids):] = torch.tensor(r.req.prompt_ids)
+            mask[i, L - len(r.req.prompt_ids):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        gens = [torch.Generator().manual_seed(r.seed + c) if r.seed is not None else None for r, c in rows]
-        out_ids: list[list[int]] = [[] for _ in rows]
-        sent = [""] * B
-        done: list[str | None] = [None] * B
-        steps = max(r.max_tokens for r, _ in rows)
-        with self.bank.rows(names):
-            kw = {"attention_mask": mask, "use_cache": True, **self._last_only}
-            if self._pos_ids:
-                kw["position_ids"] = pos
-            out = self.model(input_ids=ids, **kw)
-            for step in range(steps):
-                nxt = self._choose(out.logits[:, -1].float(), rows, gens)
-                for i, (r, c) in enumerate(rows):
-                    if done[i]:
-                        continue
-                    tok = int(nxt[i])
-                    text = sent[i]
-                    if tok in self.eos:
-                        done[i] = "stop"
-                    else:
-                        out_ids[i].append(tok)
-                        text = self.tokenizer.decode(out_ids[i], skip_special_tokens=True)
-                        cut = min((text.find(s) for s in r.stop if s and s in text), default=-1)
-                        if cut >= 0:
-                            text, done[i] = text[:cut], "stop"
-                        elif len(out_ids[i]) >= r.max_tokens:
-                            done[i] = "length"
-                    # hold back a partial UTF-8 character until it completes (or the row ends)
-                    if len(text) > len(sent[i]) and (done[i] or not text.endswith("\ufffd")):
-                        r.emit("delta", (c, text[len(sent[i]):]))
-                        sent[i] = text
-                    if done[i]:
-                        r.emit("finish", (c, done[i], len(out_ids[i])))
-                        self.metrics["completion_tokens"] += len(out_ids[i])
-                if all(done) or step == steps - 1:
-                    break
-                mask = torch.cat([mask, mask.new_ones(B, 1)], 1)
-                pos = pos[:, -1:] + 1
-                kw = {"attention_mask": mask, "use_cache": True, self._cache_kw: out.past_key_values, **self._last_only}
-                if self._pos_ids:
-                    kw["position_ids"] = pos
-                out = self.model(input_ids=nxt[:, None].to(self.device), **kw)
-        for i, (r, c) in enumerate(rows):
-            if not done[i]:
-                r.emit("finish", (c, "length", len(out_ids[i])))
-                self.metrics["completion_tokens"] += len(out_ids[i])
+        kw = {"attention_mask": mask.to(self.device), "use_cache": True, **self._last_only}
+        if self._pos_ids:
+            kw["position_ids"] = pos.to(self.device)
+        with self.bank.rows([r.req.key for r in rows]):
+            out = self.model(input_ids=ids.to(self.device), **kw)
+        self.metrics["batches"] += 1
+        self.metrics["batch_rows"] += B
+        new = _Running(rows, out.past_key_values, mask, pos[:, -1:] + 1, self._choose(out.logits[:, -1].float(), rows))
+        new.settle(self)
+        if all(r.done for r in new.rows):
+            return
+        if self._running is None:
+            self._running = new
+        else:
+            self._running = self._running.join(new)
+            self.metrics["rows_joined"] += len(new.rows)
+
+    def _decode_step(self) -> None:
+        run = self._running
+        mask = torch.cat([run.mask, run.mask.new_ones(len(run.rows), 1)], 1)
+        kw = {"attention_mask": mask.to(self.device), "use_cache": True, self._cache_kw: run.cache, **self._last_only}
+        if self._pos_ids:
+            kw["position_ids"] = run.pos.to(self.device)
+        with self.bank.rows([None if r.done else r.req.key for r in run.rows]):  # (a finished row's
+            out = self.model(input_ids=run.nxt[:, None].to(self.device), **kw)  # adapter may be gone)
+        run.cache, run.mask, run.pos = out.past_key_values, mask, run.pos + 1
+        run.nxt = self._choose(out.logits[:, -1].float(), run.rows)
+        run.settle(self)
+        if all(r.done for r in run.rows):
+            self._running = None
+
+    def _emit_token(self, r: _Row, tok: int) -> None:
+        """Take row r's next token: stream the new text, finish the row on EOS, a stop string or max_tokens."""
+        req, text = r.req, r.sent
+        if tok in self.eos:
+            r.done = "stop"
+        else:
+            r.out_ids.append(tok)
+            text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True)
+            cut = min((text.find(s) for s in req.stop if s and s in text), default=-1)
+            if cut >= 0:
+                text, r.done = text[:cut], "stop"
+            elif len(r.out_ids) >= req.max_tokens:
+                r.done = "length"
+        # hold back a partial UTF-8 character until it completes (or the row ends)
+        if len(text) > len(r.sent) and (r.done or not text.endswith("\ufffd")):
+            req.emit("delta", (r.choice, text[len(r.sent):]))
+            r.sent = text
+        if r.done:
+            req.emit("finish", (r.choice, r.done, len(r.out_ids)))
+            self.metrics["completion_tokens"] += len(r.out_ids)
+            req.rows_left -= 1
+            if req.rows_left == 0:
+                self.release(req.key)
 
     @staticmethod
-    def _choose(logits: torch.Tensor, rows: list, gens: list) -> torch.Tensor:
+    def _choose(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
         nxt = logits.argmax(-1).cpu()
-        for i, (r, _) in enumerate(rows):
+        for i, row in enumerate(rows):
+            r = row.req
             if r.temperature and r.temperature > 0:
                 p = (logits[i] / r.temperature).softmax(-1).cpu()
                 if r.top_p < 1.0:
                     sp, si = p.sort(descending=True)
                     keep = sp.cumsum(0) - sp < r.top_p
                     p = torch.zeros_like(p).scatter(0, si[keep], sp[keep])
-                nxt[i] = torch.multinomial(p, 1, generator=gens[i])[0]
+                nxt[i] = torch.multinomial(p, 1, generator=row.gen)[0]
         return nxt
+
+
+@dataclass
+class _Row:
+    """One choice of one generation request, while it runs."""
+
+    req: GenRequest
+    choice: int
+    gen: torch.Generator | None  # sampling generator (seeded requests), else None
+    out_ids: list[int] = field(default_factory=list)
+    sent: str = ""  # text streamed so far
+    done: str | None = None  # finish reason
+
+
+@dataclass
+class _Running:
+    """The running generation batch: its rows, their KV cache, attention mask (B, cache length),
+    the position of each row's next token (B, 1) and that token (B,), chosen but not yet fed."""
+
+    rows: list[_Row]
+    cache: Any
+    mask: torch.Tensor
+    pos: torch.Tensor
+    nxt: torch.Tensor
+
+    def settle(self, engine: Engine) -> None:
+        """Hand each running row its chosen token. Finished rows leave the batch, and the cache
+        columns no row attends to any more are cut; a cache this cannot edit keeps finished rows
+        (fed, never read) until the whole batch ends."""
+        for r, tok in zip(self.rows, self.nxt.tolist()):
+            if not r.done:
+                engine._emit_token(r, tok)
+        keep = [i for i, r in enumerate(self.rows) if not r.done]
+        kv = self.kv()
+        if not keep or len(keep) == len(self.rows) or kv is None:
+            return
+        idx = torch.tensor(keep)
+        mask = self.mask[idx]
+        start = int(mask.any(0).long().argmax())  # first column some row still attends to
+        dev_idx = idx.to(kv[0][0].device)
+        self.kv([[t.index_select(0, dev_idx)[:, :, start:] for t in pair] for pair in kv])
+        self.rows = [self.rows[i] for i in keep]
+        self.mask, self.pos, self.nxt = mask[:, start:], self.pos[idx], self.nxt[idx]
+
+    def join(self, other: _Running) -> _Running:
+        """This batch and `other` as one: both left-padded to the longer cache."""
+        L = max(self.mask.shape[1], other.mask.shape[1])
+        a, b = self.kv(), other.kv()
+        if a is None or b is None or len(a) != len(b) or any(r.done for r in self.rows + other.rows):
+            raise LoraError("this model's KV cache cannot take new rows")
+        kv = [[torch.cat([_pad_seq(ta, L), _pad_seq(tb, L)], 0) for ta, tb in zip(pa, pb)] for pa, pb in zip(a, b)]
+        mask = torch.cat([_pad_seq(self.mask, L, dim=1), _pad_seq(other.mask, L, dim=1)], 0)
+        self.kv(kv)  # everything built before anything changes
+        self.mask, self.pos = mask, torch.cat([self.pos, other.pos], 0)
+        self.nxt, self.rows = torch.cat([self.nxt, other.nxt], 0), self.rows + other.rows
+        return self
+
+    def kv(self, new: list | None = None) -> list | None:
+        """The cache's [keys, values] per layer (each (B, heads, length, dim)); with `new`, store
+        those. None for caches this cannot edit (sliding windows, recurrent states, other classes)."""
+        c = self.cache
+        layers = getattr(c, "layers", None)
+        if layers is not None:  # transformers >= 4.56
+            if not all(type(l).__name__ == "DynamicLayer" and getattr(l, "is_initialized", True) for l in layers):
+                return None
+            if new is None:
+                return [[l.keys, l.values] for l in layers]
+            for l, (k, v) in zip(layers, new):
+                l.keys, l.values = k, v
+            return new
+        if type(c).__name__ == "DynamicCache" and hasattr(c, "key_cache"):  # older transformers
+            if new is None:
+                return [[k, v] for k, v in zip(c.key_cache, c.value_cache)]
+            c.key_cache[:], c.value_cache[:] = [k for k, _ in new], [v for _, v in new]
+            if hasattr(c, "_seen_tokens"):
+                c._seen_tokens = new[0][0].shape[-2]
+            return new
+        return None
+
+
+def _pad_seq(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
+    """t left-padded with zeros along `dim` to `length` (masked positions: never attended to)."""
+    extra = length - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim)
+
