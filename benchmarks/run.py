@@ -15,6 +15,7 @@ SUITE = {
     "infer": ("benchmarks.bench_infer", True),
     "adapters": ("benchmarks.bench_adapters", False),
     "multi_adapter": ("benchmarks.bench_multi_adapter", False),
+    "serve": ("benchmarks.bench_serve", False),  # continuous vs static batching in the serving engine
     "quant": ("benchmarks.bench_quant", False),
     "scaling": ("benchmarks.bench_scaling", True),  # torchrun, 1 vs 2 processes
 }

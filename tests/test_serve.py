@@ -377,13 +377,17 @@ def test_requests_join_a_running_generation_and_leave_before_it(long_lm):
         stop(proc)
 
 
-def test_engine_without_an_editable_cache_runs_one_batch_at_a_time(long_lm, monkeypatch):
-    """A KV cache the engine cannot edit (not a DynamicCache of full-attention layers): requests
-    wait for the running batch to end instead of joining it, and still get exact answers."""
+@pytest.mark.parametrize("why", ["cache", "option"])
+def test_engine_runs_one_batch_at_a_time_without_an_editable_cache_or_when_asked(long_lm, monkeypatch, why):
+    """A KV cache the engine cannot edit (not a DynamicCache of full-attention layers), or
+    continuous=False (`--static-batching`): requests wait for the running batch to end instead of
+    joining it, and still get exact answers."""
     from lorakit.serve import engine as eng
 
-    monkeypatch.setattr(eng._Running, "kv", lambda self, new=None: None)
-    e = eng.Engine(str(long_lm["model_dir"]), long_lm["adapters"], max_resident=3, wait_ms=1)
+    if why == "cache":
+        monkeypatch.setattr(eng._Running, "kv", lambda self, new=None: None)
+    e = eng.Engine(str(long_lm["model_dir"]), long_lm["adapters"], max_resident=3, wait_ms=1,
+                   continuous=why == "cache")
     try:
         jobs = [("alpha", PROMPTS[0], 12), ("beta", PROMPTS[3], 3), (None, PROMPTS[1], 5), ("gamma", PROMPTS[2], 9)]
         outs = []

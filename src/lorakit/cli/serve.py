@@ -20,7 +20,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     p.add_argument("--dtype", default="auto", help="auto (as saved), float32, bfloat16, float16")
     p.add_argument("--wait-ms", type=float, default=5.0, help="dynamic batching window in milliseconds (default 5)")
-    p.add_argument("--max-batch", type=int, default=32, help="most requests in one batch (default 32)")
+    p.add_argument("--max-batch", type=int, default=32, help="most rows in one batch (default 32)")
+    p.add_argument("--static-batching", action="store_true",
+                   help="run each generation batch to its end before admitting new requests "
+                        "(default: continuous batching, new requests join a running batch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info")
 
@@ -57,5 +60,6 @@ def run(args: argparse.Namespace) -> int:
             raise LoraError("--adapters needs --model (the base the adapters were trained on)")
         model, adapters = _default()
     serve(model, adapters, host=args.host, port=args.port, max_resident=args.max_resident, device=args.device,
-          dtype=args.dtype, wait_ms=args.wait_ms, max_batch=args.max_batch, log_level=args.log_level)
+          dtype=args.dtype, wait_ms=args.wait_ms, max_batch=args.max_batch, log_level=args.log_level,
+          continuous=not args.static_batching)
     return 0

@@ -99,7 +99,7 @@ class Engine:
 
     def __init__(self, model: str, adapters_dir: str | Path | None = None, *, max_resident: int = 8,
                  max_batch: int = 32, wait_ms: float = 5.0, device: str = "cpu", dtype: str = "auto",
-                 base_name: str | None = None):
+                 base_name: str | None = None, continuous: bool = True):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         from ..models import model_path
@@ -134,6 +134,7 @@ class Engine:
         self.base_name = base_name or str(model)
         self.bank = AdapterBank(self.model, capacity=max_resident)
         self.max_batch, self.wait = max_batch, wait_ms / 1000
+        self.continuous = continuous  # False: a generation batch runs to its end before others start
         self.context = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
                         or min(getattr(self.tokenizer, "model_max_length", 2048), 1 << 20))
         gc = getattr(self.model, "generation_config", None)
@@ -402,7 +403,7 @@ class Engine:
     # transformers' DynamicCache of full-attention layers) run one batch at a time instead.
     def _admit(self, reqs: list[GenRequest]) -> None:
         run = self._running
-        if run is not None and run.kv() is None:  # this cache cannot take new rows: wait for the batch to end
+        if run is not None and (not self.continuous or run.kv() is None):  # wait for the batch to end
             self._backlog.extend(reqs)
             return
         live = [r for r in run.rows if not r.done] if run else []
@@ -447,7 +448,7 @@ class Engine:
             out = self.model(input_ids=ids.to(self.device), **kw)
         self.metrics["batches"] += 1
         self.metrics["batch_rows"] += B
-        new = _Running(rows, out.past_key_values, mask, pos[:, -1:] + 1, self._choose(out.logits[:, -1].float(), rows))
+        new = _Running(rows, _cache_of(out), mask, pos[:, -1:] + 1, self._choose(out.logits[:, -1].float(), rows))
         new.settle(self)
         if all(r.done for r in new.rows):
             return
@@ -465,7 +466,7 @@ class Engine:
             kw["position_ids"] = run.pos.to(self.device)
         with self.bank.rows([None if r.done else r.req.key for r in run.rows]):  # (a finished row's
             out = self.model(input_ids=run.nxt[:, None].to(self.device), **kw)  # adapter may be gone)
-        run.cache, run.mask, run.pos = out.past_key_values, mask, run.pos + 1
+        run.cache, run.mask, run.pos = _cache_of(out), mask, run.pos + 1
         run.nxt = self._choose(out.logits[:, -1].float(), run.rows)
         run.settle(self)
         if all(r.done for r in run.rows):
@@ -597,3 +598,7 @@ def _pad_seq(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
     shape[dim] = extra
     return torch.cat([t.new_zeros(shape), t], dim)
 
+
+def _cache_of(out: Any) -> Any:
+    """A forward's KV cache: `cache` in newer transformers (`past_key_values` deprecated there)."""
+    return out["cache"] if "cache" in out else out.past_key_values
