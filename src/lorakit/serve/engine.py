@@ -144,6 +144,10 @@ class Engine:
         params = inspect.signature(self.model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
         self._pos_ids = "position_ids" in params
+        # rows join and leave a running batch only where positions are passed explicitly and every
+        # layer attends to the whole cache (a sliding window reads cache indices, which padding moves)
+        self._joinable = self._pos_ids and not (getattr(config, "sliding_window", None)
+                                                and getattr(config, "use_sliding_window", None) is not False)
         # the last position's logits only: a prompt's full logits are tokens x vocab per row
         self._last_only = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         # registry: public name -> bank key; pinned requests count per key; keys to drop when unpinned
@@ -400,10 +404,11 @@ class Engine:
     # their adapters) and their rows join the running batch between two decode steps: its KV cache,
     # attention mask and positions are left-padded to a common length. Finished rows leave at once,
     # so a short request never waits for a long one. Caches that cannot be joined (other than
-    # transformers' DynamicCache of full-attention layers) run one batch at a time instead.
+    # transformers' DynamicCache of full-attention layers), models that take no position_ids and
+    # sliding-window models run one batch at a time instead.
     def _admit(self, reqs: list[GenRequest]) -> None:
         run = self._running
-        if run is not None and (not self.continuous or run.kv() is None):  # wait for the batch to end
+        if run is not None and not (self.continuous and self._joinable and run.kv() is not None):  # wait for it to end
             self._backlog.extend(reqs)
             return
         live = [r for r in run.rows if not r.done] if run else []
@@ -542,7 +547,7 @@ class _Running:
             if not r.done:
                 engine._emit_token(r, tok)
         keep = [i for i, r in enumerate(self.rows) if not r.done]
-        kv = self.kv()
+        kv = self.kv() if engine._joinable else None
         if not keep or len(keep) == len(self.rows) or kv is None:
             return
         idx = torch.tensor(keep)
