@@ -409,3 +409,79 @@ def test_engine_runs_one_batch_at_a_time_without_an_editable_cache_or_when_asked
         assert e.metrics["rows_joined"] == 0 and e.metrics["batches"] >= 2
     finally:
         e.close()
+
+
+class _Job:
+    """One generation request submitted to an in-process Engine, with what came back."""
+
+    def __init__(self, e, model, prompt, n_tok, tok, n=1, seed=None, temperature=0.0, fail_on=None):
+        from lorakit.serve import engine as eng
+
+        self.text, self.reasons, self.err, self.done, self.fail_on = {}, {}, None, threading.Event(), fail_on
+        self.req = eng.GenRequest(e.pin(model), tok(prompt)["input_ids"], n_tok, temperature, n=n, seed=seed,
+                                  emit=self.emit)
+        e.submit(self.req)
+
+    def emit(self, ev, p):
+        if ev == self.fail_on:
+            raise RuntimeError("Event loop is closed")  # a client that went away
+        if ev == "delta":
+            self.text[p[0]] = self.text.get(p[0], "") + p[1]
+        elif ev == "finish":
+            self.reasons[p[0]] = p[1:]
+            if len(self.reasons) == self.req.n:
+                self.done.set()
+        elif ev == "error":
+            self.err = p
+            self.done.set()
+
+
+def test_engine_survives_odd_requests_and_clients_and_fails_what_is_left_on_close(long_lm):
+    """A seed beyond 64 bits, max_tokens=0, a client whose event delivery raises: each request gets
+    its answer or its error, the others are untouched, every adapter pin is released; close()
+    answers the running and waiting requests with an error instead of leaving them hanging."""
+    from lorakit.serve import engine as eng
+
+    tok = long_lm["tok"]
+    e = eng.Engine(str(long_lm["model_dir"]), long_lm["adapters"], max_resident=3, wait_ms=1)
+    try:
+        big = _Job(e, "alpha", "hello", 4, tok, n=2, seed=2**64 - 1, temperature=0.9)
+        zero = _Job(e, "beta", "hello", 0, tok)
+        gone = _Job(e, "gamma", "hello", 3, tok, fail_on="finish")
+        ok = _Job(e, "beta", PROMPTS[0], 5, tok)
+        for j in (big, zero, ok):
+            assert j.done.wait(60) and j.err is None
+        assert len(big.reasons) == 2 and all(r == ("length", 4) for r in big.reasons.values())
+        assert zero.text == {} and zero.reasons == {0: ("length", 0)}
+        assert ok.text[0] == expected(long_lm, "beta", PROMPTS[0], 5)
+        deadline = time.time() + 30
+        while e._pending and time.time() < deadline:  # gone's pin comes back although its client raised
+            time.sleep(0.01)
+        assert not e._pending and e._worker.is_alive()
+        running = _Job(e, "alpha", "b", 300, tok)
+        time.sleep(0.05)
+        e.close()
+        assert running.done.wait(10) and "shutting down" in str(running.err)
+        assert not e._pending
+    finally:
+        e.close()
+
+
+def test_a_row_ending_on_eos_flushes_a_held_back_partial_character(long_lm):
+    """Streaming holds back text ending in a partial UTF-8 character; when the row then ends on
+    end-of-sequence, the client still gets what generate() would decode (the replacement char)."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from lorakit.serve import engine as eng
+
+    tok, got = long_lm["tok"], []
+    req = eng.GenRequest(None, [1], 10, emit=lambda ev, p: got.append((ev, p)))
+    req.rows_left = 1
+    fake = SimpleNamespace(tokenizer=tok, eos={256}, metrics=Counter(), _close=lambda r: None)
+    row = eng._Row(req, 0, None)
+    for t in (ord("h"), 0xC3, 256):  # 'h', the first byte of 'é', end of sequence
+        eng.Engine._emit_token(fake, row, t)
+    text = "".join(p[1] for ev, p in got if ev == "delta")
+    assert text == tok.decode([ord("h"), 0xC3], skip_special_tokens=True) == "h\ufffd"
+    assert got[-1] == ("finish", (0, "stop", 2))

@@ -55,6 +55,7 @@ class GenRequest:
     seed: int | None = None
     emit: Emit = lambda e, p: None
     rows_left: int = field(default=0, init=False)  # choices still running (the worker's count)
+    closed: bool = field(default=False, init=False)  # answered (or failed) and its pin released
 
 
 @dataclass
@@ -62,6 +63,7 @@ class ClassifyRequest:
     key: str | None
     texts: list[str]
     emit: Emit = lambda e, p: None
+    closed: bool = field(default=False, init=False)
 
 
 @dataclass
@@ -308,27 +310,43 @@ class Engine:
         self._worker.join(timeout=10)
 
     # ---- the worker -------------------------------------------------------------------------
-    def _next(self, timeout: float | None):
-        if self._backlog:
-            return self._backlog.popleft()
-        return self._q.get(timeout=timeout) if timeout is None or timeout > 0 else self._q.get_nowait()
-
     def _gather(self, idle: bool) -> list | None:
-        """Work items to take now. Idle: wait for one, then for what arrives within the wait window.
-        While a generation runs: whatever is already queued, without waiting. None: shut down."""
-        items: list = []
-        deadline = 0.0
-        while len(items) < self.max_batch:
+        """Controls and requests to handle now; None: shut down. Everything queued moves to the
+        end of the backlog (controls run at once) and requests are taken from its front, so they
+        are served in order. Idle: wait for work, then for what arrives within the wait window."""
+        fresh: list = []
+        stop = False
+
+        def put(item) -> None:
+            nonlocal stop
+            if item is None:
+                stop = True
+            else:
+                fresh.append(item)
+
+        while not stop:
             try:
-                item = self._next(None if idle and not items else (deadline - time.monotonic() if idle else 0))
+                put(self._q.get_nowait())
             except queue.Empty:
                 break
-            if item is None:
-                return None
-            if not items:
-                deadline = time.monotonic() + self.wait  # the window opens with the first item
-            items.append(item)
-        return items
+        if idle and not stop and not fresh and not self._backlog:
+            put(self._q.get())
+            deadline = time.monotonic() + self.wait  # the window opens with the first item
+            while not stop and (left := deadline - time.monotonic()) > 0:
+                try:
+                    put(self._q.get(timeout=left))
+                except queue.Empty:
+                    break
+        controls = [i for i in fresh if isinstance(i, Control)]
+        self._backlog.extend(i for i in fresh if not isinstance(i, Control))
+        if stop:
+            self._shutdown(controls)
+            return None
+        return controls + [self._backlog.popleft() for _ in range(min(self.max_batch, len(self._backlog)))]
+
+    def _defer(self, reqs: list) -> None:
+        """Requests that could not be taken go back to the front of the backlog, in order."""
+        self._backlog.extendleft(reversed(reqs))
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
@@ -336,25 +354,55 @@ class Engine:
             items = self._gather(idle=self._running is None)
             if items is None:
                 return
-            for c in [i for i in items if isinstance(i, Control)]:
-                try:
-                    c.emit("done", c.fn())
-                except Exception as e:  # noqa: BLE001 - reported to the caller
-                    c.emit("error", e)
-            classify = [i for i in items if isinstance(i, ClassifyRequest)]
-            if classify:
-                self._batch(classify)
-            gen = [i for i in items if isinstance(i, GenRequest)]
-            if gen:
-                self._admit(gen)
-            if self._running is not None:
-                self._guarded([], self._decode_step)
-            self._purge()
+            try:
+                for c in [i for i in items if isinstance(i, Control)]:
+                    try:
+                        _emit(c, "done", c.fn())
+                    except Exception as e:  # noqa: BLE001 - reported to the caller
+                        _emit(c, "error", e)
+                classify = [i for i in items if isinstance(i, ClassifyRequest)]
+                if classify:
+                    self._batch(classify)
+                gen = [i for i in items if isinstance(i, GenRequest)]
+                if gen:
+                    self._admit(gen)
+                if self._running is not None:
+                    self._guarded(None, self._decode_step)
+                self._purge()
+            except Exception as e:  # noqa: BLE001 - the worker must outlive any one item
+                log.exception("worker error")
+                waiting = {id(r) for r in self._backlog}
+                for r in items:
+                    if not isinstance(r, Control) and id(r) not in waiting and not getattr(r, "rows_left", 0):
+                        self._fail(r, e)
+
+    def _shutdown(self, controls: list[Control]) -> None:
+        """Stopping: every request still here gets an error and its pin back."""
+        err = ServeError("the server is shutting down", 503, "server_shutting_down")
+        for c in controls:
+            _emit(c, "error", err)
+        reqs = list(self._backlog) + ([r.req for r in self._running.rows] if self._running else [])
+        self._backlog.clear()
+        self._running = None
+        for r in reqs:
+            self._fail(r, err)
+
+    def _close(self, req: GenRequest | ClassifyRequest) -> None:
+        """req is answered: its adapter pin goes back (once)."""
+        if not req.closed:
+            req.closed = True
+            self.release(req.key)
+
+    def _fail(self, req: GenRequest | ClassifyRequest, e: Exception) -> None:
+        """req gets the error (once) and leaves; its running rows are dropped at the next step."""
+        if not req.closed:
+            _emit(req, "error", e)
+            self._close(req)
 
     def _batch(self, reqs: list[ClassifyRequest]) -> None:
         """Take as many as fit the bank's capacity of distinct adapters; the rest wait."""
         take, rest = self._fit(reqs, set(), 0)
-        self._backlog.extend(rest)
+        self._defer(rest)
         try:
             self._classify(take)
             self.metrics["batches"] += 1
@@ -362,10 +410,10 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - every request of the batch gets the error
             log.exception("batch failed")
             for r in take:
-                r.emit("error", e)
+                self._fail(r, e)
         finally:
             for r in take:
-                self.release(r.key)
+                self._close(r)
 
     def _fit(self, reqs: list, keys: set, rows: int) -> tuple[list, list]:
         """The requests that join a batch already holding adapters `keys` and `rows` rows: at most
@@ -395,8 +443,8 @@ class Engine:
         for r in reqs:
             labels = self._labels.get(r.key) or [f"LABEL_{j}" for j in range(logits.shape[-1])]
             probs = logits[i:i + len(r.texts), :len(labels)].softmax(-1)  # the request's own head
-            r.emit("result", {"probs": probs.tolist(), "labels": labels,
-                              "tokens": int(enc["attention_mask"][i:i + len(r.texts)].sum())})
+            _emit(r, "result", {"probs": probs.tolist(), "labels": labels,
+                                "tokens": int(enc["attention_mask"][i:i + len(r.texts)].sum())})
             i += len(r.texts)
 
     # ---- generation: continuous batching ------------------------------------------------------
@@ -409,35 +457,37 @@ class Engine:
     def _admit(self, reqs: list[GenRequest]) -> None:
         run = self._running
         if run is not None and not (self.continuous and self._joinable and run.kv() is not None):  # wait for it to end
-            self._backlog.extend(reqs)
+            self._defer(reqs)
             return
         live = [r for r in run.rows if not r.done] if run else []
         take, rest = self._fit(reqs, {r.req.key for r in live}, len(live))
-        self._backlog.extend(rest)
-        if not take:
-            return
-        rows = [_Row(r, c, torch.Generator().manual_seed(r.seed + c) if r.seed is not None else None)
-                for r in take for c in range(r.n)]
-        for r in take:
-            r.rows_left = r.n
-        self._guarded(rows, lambda: self._prefill(rows))
+        self._defer(rest)
+        for r in [r for r in take if r.max_tokens <= 0]:  # nothing to generate
+            for c in range(r.n):
+                _emit(r, "finish", (c, "length", 0))
+            self._close(r)
+        take = [r for r in take if r.max_tokens > 0]
+        if take:
+            self._guarded(take, lambda: self._prefill(take))
 
-    def _guarded(self, rows: list[_Row], fn: Callable[[], None]) -> None:
-        """Run fn; if it fails, every request with a row in `rows` gets the error and leaves, and
-        so does the running batch unless `rows` are new ones (a failed prefill leaves it intact)."""
+    def _guarded(self, reqs: list[GenRequest] | None, fn: Callable[[], None]) -> None:
+        """Run fn; if it fails, the requests `reqs` (None: those of the running batch, which then
+        ends) get the error and leave. A failed prefill leaves the running batch intact."""
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - every request of the batch gets the error
             log.exception("generation failed")
-            if not rows and self._running is not None:
-                rows, self._running = self._running.rows, None
-            reqs = {id(r.req): r.req for r in rows if not r.done}
-            for req in reqs.values():
-                req.emit("error", e)
-                req.rows_left = 0
-                self.release(req.key)
+            if reqs is None:
+                reqs = [r.req for r in self._running.rows] if self._running is not None else []
+                self._running = None
+            for req in reqs:
+                self._fail(req, e)
 
-    def _prefill(self, rows: list[_Row]) -> None:
+    def _prefill(self, reqs: list[GenRequest]) -> None:
+        rows = [_Row(r, c, torch.Generator().manual_seed((r.seed + c) % 2**64) if r.seed is not None else None)
+                for r in reqs for c in range(r.n)]
+        for r in reqs:
+            r.rows_left = r.n
         B, L = len(rows), max(len(r.req.prompt_ids) for r in rows)
         pad = self.tokenizer.pad_token_id or 0
         ids = torch.full((B, L), pad, dtype=torch.long)
@@ -480,8 +530,12 @@ class Engine:
     def _emit_token(self, r: _Row, tok: int) -> None:
         """Take row r's next token: stream the new text, finish the row on EOS, a stop string or max_tokens."""
         req, text = r.req, r.sent
+        if req.closed:  # the request failed (or its client went away): the row leaves
+            r.done = "error"
+            return
         if tok in self.eos:
             r.done = "stop"
+            text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True) if r.out_ids else ""
         else:
             r.out_ids.append(tok)
             text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True)
@@ -492,27 +546,31 @@ class Engine:
                 r.done = "length"
         # hold back a partial UTF-8 character until it completes (or the row ends)
         if len(text) > len(r.sent) and (r.done or not text.endswith("\ufffd")):
-            req.emit("delta", (r.choice, text[len(r.sent):]))
+            _emit(req, "delta", (r.choice, text[len(r.sent):]))
             r.sent = text
         if r.done:
-            req.emit("finish", (r.choice, r.done, len(r.out_ids)))
+            _emit(req, "finish", (r.choice, r.done, len(r.out_ids)))
             self.metrics["completion_tokens"] += len(r.out_ids)
             req.rows_left -= 1
             if req.rows_left == 0:
-                self.release(req.key)
+                self._close(req)
 
-    @staticmethod
-    def _choose(logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+    def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
+        """Each row's next token: greedy, or sampled with its request's temperature and top_p."""
         nxt = logits.argmax(-1).cpu()
         for i, row in enumerate(rows):
             r = row.req
-            if r.temperature and r.temperature > 0:
+            if row.done or r.closed or not (r.temperature and r.temperature > 0):
+                continue
+            try:
                 p = (logits[i] / r.temperature).softmax(-1).cpu()
                 if r.top_p < 1.0:
                     sp, si = p.sort(descending=True)
                     keep = sp.cumsum(0) - sp < r.top_p
                     p = torch.zeros_like(p).scatter(0, si[keep], sp[keep])
                 nxt[i] = torch.multinomial(p, 1, generator=row.gen)[0]
+            except Exception as e:  # noqa: BLE001 - one request's sampling never fails the batch
+                self._fail(r, e)
         return nxt
 
 
@@ -607,3 +665,11 @@ def _pad_seq(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
 def _cache_of(out: Any) -> Any:
     """A forward's KV cache: `cache` in newer transformers (`past_key_values` deprecated there)."""
     return out["cache"] if "cache" in out else out.past_key_values
+
+
+def _emit(item: Any, event: str, payload: Any) -> None:
+    """Deliver an event to a request's client; a client that is gone never stops the worker."""
+    try:
+        item.emit(event, payload)
+    except Exception:  # noqa: BLE001
+        log.exception("could not deliver %r to a client", event)
