@@ -17,7 +17,8 @@ def serve(model: str, adapters: str | None, *, host: str = "127.0.0.1", port: in
     engine = Engine(model, adapters, max_resident=max_resident, device=device, dtype=dtype,
                     wait_ms=wait_ms, max_batch=max_batch, continuous=continuous)
     print(f"lorakit serve: {engine.base_name} ({engine.task}) with {len(engine.adapters())} adapters "
-          f"{engine.adapters()[:8]}; at most {max_resident} resident; http://{host}:{port}", flush=True)
+          f"{engine.adapters()[:8]}; at most {max_resident} resident; {'continuous' if continuous else 'static'} "
+          f"batching; http://{host}:{port}", flush=True)
     if not engine.base_head:
         print("  the base's classification head is untrained: /v1/classify answers for the adapters, "
               "each with its own head and labels", flush=True)
