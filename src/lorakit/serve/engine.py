@@ -456,7 +456,7 @@ class Engine:
     # sliding-window models run one batch at a time instead.
     def _admit(self, reqs: list[GenRequest]) -> None:
         run = self._running
-        if run is not None and not (self.continuous and self._joinable and run.kv() is not None):  # wait for it to end
+        if run is not None and (not self.continuous or self._editable(run) is None):  # wait for it to end
             self._defer(reqs)
             return
         live = [r for r in run.rows if not r.done] if run else []
@@ -496,14 +496,10 @@ class Engine:
             ids[i, L - len(r.req.prompt_ids):] = torch.tensor(r.req.prompt_ids)
             mask[i, L - len(r.req.prompt_ids):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        kw = {"attention_mask": mask.to(self.device), "use_cache": True, **self._last_only}
-        if self._pos_ids:
-            kw["position_ids"] = pos.to(self.device)
-        with self.bank.rows([r.req.key for r in rows]):
-            out = self.model(input_ids=ids.to(self.device), **kw)
+        cache, logits = self._forward(ids, mask, pos, rows)
         self.metrics["batches"] += 1
         self.metrics["batch_rows"] += B
-        new = _Running(rows, _cache_of(out), mask, pos[:, -1:] + 1, self._choose(out.logits[:, -1].float(), rows))
+        new = _Running(rows, cache, mask, pos[:, -1:] + 1, self._choose(logits, rows))
         new.settle(self)
         if all(r.done for r in new.rows):
             return
@@ -516,16 +512,28 @@ class Engine:
     def _decode_step(self) -> None:
         run = self._running
         mask = torch.cat([run.mask, run.mask.new_ones(len(run.rows), 1)], 1)
-        kw = {"attention_mask": mask.to(self.device), "use_cache": True, self._cache_kw: run.cache, **self._last_only}
-        if self._pos_ids:
-            kw["position_ids"] = run.pos.to(self.device)
-        with self.bank.rows([None if r.done else r.req.key for r in run.rows]):  # (a finished row's
-            out = self.model(input_ids=run.nxt[:, None].to(self.device), **kw)  # adapter may be gone)
-        run.cache, run.mask, run.pos = _cache_of(out), mask, run.pos + 1
-        run.nxt = self._choose(out.logits[:, -1].float(), run.rows)
+        run.cache, logits = self._forward(run.nxt[:, None], mask, run.pos, run.rows, run.cache)
+        run.mask, run.pos, run.nxt = mask, run.pos + 1, self._choose(logits, run.rows)
         run.settle(self)
         if all(r.done for r in run.rows):
             self._running = None
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, rows: list[_Row],
+                 cache: Any = None) -> tuple[Any, torch.Tensor]:
+        """One forward of the rows' tokens (each row through its own adapter): the KV cache and
+        the last position's logits (B, vocab)."""
+        kw = {"attention_mask": mask.to(self.device), "use_cache": True, **self._last_only}
+        if cache is not None:
+            kw[self._cache_kw] = cache
+        if self._pos_ids:
+            kw["position_ids"] = pos.to(self.device)
+        with self.bank.rows([None if r.done else r.req.key for r in rows]):  # (a finished row's adapter may be gone)
+            out = self.model(input_ids=ids.to(self.device), **kw)
+        return _cache_of(out), out.logits[:, -1].float()
+
+    def _editable(self, run: _Running) -> list | None:
+        """The running batch's cache as [keys, values] per layer when rows may join and leave it."""
+        return run.kv() if self._joinable else None
 
     def _emit_token(self, r: _Row, tok: int) -> None:
         """Take row r's next token: stream the new text, finish the row on EOS, a stop string or max_tokens."""
@@ -605,7 +613,7 @@ class _Running:
             if not r.done:
                 engine._emit_token(r, tok)
         keep = [i for i, r in enumerate(self.rows) if not r.done]
-        kv = self.kv() if engine._joinable else None
+        kv = engine._editable(self)
         if not keep or len(keep) == len(self.rows) or kv is None:
             return
         idx = torch.tensor(keep)
