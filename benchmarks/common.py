@@ -60,6 +60,33 @@ def targets_for(model_name: str, which: str):
     return "all-linear" if which == "all-linear" else TARGETS[(model_name, which)]
 
 
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer built offline: ids 0-255 are bytes, 256 </s>, 257 <pad> (serving
+    tests and the soak benchmark: every text round-trips, nothing to download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    vocab = {chr(c): b for b, c in zip(bs, cs)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
+    fast.chat_template = CHAT_TEMPLATE
+    assert fast.eos_token_id == 256 and fast.pad_token_id == 257
+    return fast
+
+
 def train_step(model, opt, batch, loss_fn=None) -> float:
     """One causal-LM training step (forward, backward, optimizer); returns the loss.
     loss_fn(model, input_ids, labels): the loss (default: the model's own, model(labels=...).loss)."""

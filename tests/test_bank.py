@@ -123,3 +123,38 @@ def test_bank_classifier_heads_per_row(tmp_path):
             lk.load_adapter(m, tmp_path / n, n)
             want = m(x[i:i + 1]).logits.detach()[0]
         torch.testing.assert_close(got[i], want, atol=2e-5, rtol=1e-4)
+
+
+def test_slots_shrink_back_when_a_large_adapter_leaves(saved, tmp_path):
+    """A rank-64 adapter widens the slots of the layers it touches; once it is evicted or removed
+    the slots are the size the remaining adapters need again (memory and step time come back),
+    and the answers are unchanged."""
+    m = tiny_llama()
+    lk.inject(m, lk.LoraConfig(r=64, alpha=8, targets=["q_proj", "up_proj"], init=False), "big")
+    randomize(m, "big", 0.1)
+    lk.save_adapter(m, tmp_path / "big", "big")
+    model = tiny_llama()
+    bank = AdapterBank(model, capacity=2)
+    bank.add("a", saved / "a")  # r=2 on q_proj, v_proj, embed_tokens
+    bank.add("big", tmp_path / "big")
+    x = torch.randint(0, 128, (2, 4), generator=torch.Generator().manual_seed(1))
+
+    def slots() -> dict:
+        return {(n, st.rank, st.A.shape) for layer, st in bank._stacks.items() for n, l in lk.layer.lora_layers(model)
+                if l is layer}
+
+    with torch.no_grad(), bank.rows(["a", "a"]):
+        want = model(x).logits
+    small = slots()
+    with torch.no_grad(), bank.rows(["a", "big"]):
+        model(x)
+    assert max(r for _, r, _ in slots()) == 64
+    bank.evict("big")
+    assert slots() == small
+    with torch.no_grad(), bank.rows(["a", "a"]):
+        torch.testing.assert_close(model(x).logits, want, atol=0, rtol=0)
+    bank.load("big")
+    bank.remove("big")
+    assert slots() == small
+    bank.remove("a")
+    assert bank._stacks == {}  # nothing resident: no slots at all

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import lorakit as lk
+from benchmarks.common import CHAT_TEMPLATE, byte_tokenizer  # noqa: F401 (other test modules import it from here)
 from tiny import randomize, tiny_bert, tiny_llama
 
 httpx = pytest.importorskip("httpx")
@@ -26,30 +27,6 @@ openai = pytest.importorskip("openai")
 
 ADAPTERS = {"alpha": (2, ["q_proj", "v_proj"]), "beta": (4, "all-linear"), "gamma": (8, ["o_proj", "up_proj", "embed_tokens"])}
 PROMPTS = ["hello world", "lorakit serves", "a", "many adapters on one base", "xyz xyz"]
-CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-def byte_tokenizer():
-    """A byte-level tokenizer built offline: ids 0-255 are bytes, 256 </s>, 257 <pad>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs, n = bs[:], 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    vocab = {chr(c): b for b, c in zip(bs, cs)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>")
-    fast.chat_template = CHAT_TEMPLATE
-    assert fast.eos_token_id == 256 and fast.pad_token_id == 257
-    return fast
 
 
 def llama():

@@ -2,11 +2,12 @@
 
 from .arithmetic import CombineReport, combine_adapters
 from .adapters import active_adapters, delete_adapter, disable_adapters, get_config, list_adapters, set_adapter
+from .bank import AdapterBank
 from .batch import per_row
 from .config import LoraConfig
-from .errors import AdapterFileError, LoraError, TargetError
+from .errors import AdapterChangedError, AdapterFileError, LoraError, TargetError
 from .inject import ParamSummary, adapter_parameters, find_targets, inject, param_summary, unload
-from .io import adapter_state_dict, load_adapter, read_adapter, save_adapter
+from .io import AdapterFiles, adapter_state_dict, load_adapter, read_adapter, read_adapter_files, save_adapter
 from .kinds import Kind, register
 from .layer import LoraLayer, ModulesToSave
 from .merge import MergeReport, merge, merged, merged_state_dict, unmerge
@@ -16,9 +17,9 @@ from .quant import load_quantized  # also registers the quantized layer kinds (i
 __version__ = "0.1.0"
 
 __all__ = [
-    "AdapterFileError", "CombineReport", "Kind", "LoraConfig", "LoraError", "LoraLayer", "MergeReport", "ModulesToSave",
+    "AdapterBank", "AdapterChangedError", "AdapterFileError", "AdapterFiles", "CombineReport", "Kind", "LoraConfig", "LoraError", "LoraLayer", "MergeReport", "ModulesToSave",
     "ParamSummary", "TargetError", "active_adapters", "adapter_parameters", "adapter_state_dict",
     "combine_adapters", "delete_adapter", "disable_adapters", "find_targets", "get_config", "inject", "list_adapters",
-    "load_adapter", "load_quantized", "lora_plus_groups", "lora_plus_optimizer", "merge", "merged", "merged_state_dict", "param_summary", "per_row", "read_adapter",
+    "load_adapter", "load_quantized", "lora_plus_groups", "lora_plus_optimizer", "merge", "merged", "merged_state_dict", "param_summary", "per_row", "read_adapter", "read_adapter_files",
     "register", "save_adapter", "set_adapter", "unload", "unmerge", "__version__",
 ]

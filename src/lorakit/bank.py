@@ -5,16 +5,19 @@ For every wrapped layer the bank keeps stacked slots, A (S, r, in) and B transpo
 padded with zeros to the layer's largest rank. `ops.lora_rows` reads the slots in place, so a batch
 that mixes adapters costs two batched matmuls per layer instead of a loop over adapters.
 
-Adapters are registered by name with a source: a PEFT folder on disk (checked when registered,
-read again each time it is brought in), tensors held in CPU memory, or (for `per_row`) the
-model's own adapter. At most `capacity` are resident; bringing in one more evicts the least
-recently used that the current batch does not need.
+Adapters are registered by name with a source: a PEFT folder on disk (read and checked when
+registered; read again each time it is brought in, and refused if its bytes no longer hash to what
+was checked), tensors held in CPU memory, or (for `per_row`) the model's own adapter. At most
+`capacity` are resident; bringing in one more evicts the least recently used that the current batch
+does not need. Slots are sized for the largest rank resident in each layer: evicting a large adapter
+shrinks them again, so memory and step time return to what they were.
 
 Not thread-safe: call it from the thread that runs the model (the server has one worker thread).
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -26,8 +29,8 @@ import torch
 from torch import Tensor, nn
 
 from . import core
-from .config import LoraConfig
-from .errors import LoraError
+from .config import LoraConfig, match_budget
+from .errors import AdapterChangedError, LoraError
 from .layer import LoraLayer, ModulesToSave, adapter_dtype, copy_with, lora_layers, state_of
 
 
@@ -43,10 +46,24 @@ class _Stack:
     Bt: Tensor  # (S, r, out): B transposed, scaling folded in
     embedding: bool
     filled: set[int] = field(default_factory=set)  # slots holding a non-zero adapter here
+    ranks: dict[int, int] = field(default_factory=dict)  # slot -> rank of the adapter in it
 
     @property
     def rank(self) -> int:
         return self.A.shape[2] if self.embedding else self.A.shape[1]
+
+    def clear(self, slot: int) -> None:
+        if slot in self.filled:
+            self.A[slot].zero_()
+            self.Bt[slot].zero_()
+            self.filled.discard(slot)
+            self.ranks.pop(slot, None)
+
+    def cut(self, r: int) -> None:
+        """Keep the first r rank columns (the others are zero in every slot): frees the memory
+        and the step time a larger adapter left behind."""
+        self.A = (self.A[:, :, :r] if self.embedding else self.A[:, :r]).clone()
+        self.Bt = self.Bt[:, :r].clone()
 
 
 class _ModelSource:
@@ -73,17 +90,22 @@ def _model_tables(model: nn.Module) -> list[tuple[int, dict, dict, dict]]:
 
 
 class _FileSource:
-    """A PEFT adapter folder (or its tensors kept in CPU memory), checked against the model."""
+    """A PEFT adapter folder (or its tensors kept in CPU memory), checked against the model.
 
-    def __init__(self, model: nn.Module, source: str | os.PathLike | tuple[LoraConfig, dict[str, Tensor]],
-                 keep_in_memory: bool):
-        from .io import read_adapter
+    A folder is read once at registration (`io.read_adapter_files`: the bytes hashed are the bytes
+    parsed) and, unless kept in memory, read again whenever it is brought into a slot: those bytes
+    must hash to the registered digest, else the load is refused (AdapterChangedError). What the
+    bank serves is therefore always exactly what was checked."""
 
+    def __init__(self, model: nn.Module, source, keep_in_memory: bool, root: str | os.PathLike | None = None):
+        from .io import AdapterFiles, read_adapter_files
+
+        self.root = root
         if isinstance(source, tuple):
-            self.path, (config, tensors) = None, source
+            self.path, self.digest, (config, tensors) = None, None, source
         else:
-            self.path = Path(source)
-            config, tensors = read_adapter(self.path)
+            files = source if isinstance(source, AdapterFiles) else read_adapter_files(source, root=root)
+            self.path, self.digest, config, tensors = files.folder, files.digest, files.config, files.tensors
         plan = self._check(model, config, tensors)  # raises before anything changes
         self.wrap(model, plan)  # wraps only layers not wrapped yet: other adapters are untouched
         self.config = config
@@ -116,19 +138,26 @@ class _FileSource:
             _save_module(model, path, state)
 
     def fetch(self, model: nn.Module) -> _Weights:
-        from .io import read_adapter
+        from .io import read_adapter_files
 
         if self.memory is not None:
             config, tensors = self.memory
             plan = self.plan
         else:
-            config, tensors = read_adapter(self.path)
+            files = read_adapter_files(self.path, root=self.root)
+            if files.digest != self.digest:
+                raise AdapterChangedError(
+                    f"{self.path}: the adapter's files changed on disk since they were checked and registered "
+                    f"(sha256 {self.digest[:12]}... now {files.digest[:12]}...); it is not served until it is "
+                    "registered again (replace)")
+            config, tensors = files.config, files.tensors
             plan = self._check(model, config, tensors)
         self.wrap(model, plan)
         lora = {}
-        for path, (A, B) in plan.lora.items():
-            layer = model.get_submodule(path)
-            lora[layer] = (A, B, core.scaling(config.alpha_for(path), A.shape[0], config.rslora))
+        with match_budget():  # alpha_pattern keys are the file's patterns: bounded time
+            for path, (A, B) in plan.lora.items():
+                layer = model.get_submodule(path)
+                lora[layer] = (A, B, core.scaling(config.alpha_for(path), A.shape[0], config.rslora))
         return _Weights(lora, plan.saved)
 
 
@@ -155,12 +184,14 @@ class AdapterBank:
         self.loads = self.evictions = self.hits = 0
 
     # ---- registry ---------------------------------------------------------------------------
-    def add(self, name: str, source: str | os.PathLike | tuple[LoraConfig, dict[str, Tensor]] | None = None, *,
-            keep_in_memory: bool = False, replace: bool = False) -> None:
-        """Register adapter `name`: a PEFT folder, (config, tensors) in memory, or None for the
-        model's own adapter of that name. A folder is fully checked now (keys, shapes, config)
-        and read again when brought in, unless keep_in_memory. With replace=True an existing
-        adapter of that name is swapped out only once the new one passed every check."""
+    def add(self, name: str, source=None, *, keep_in_memory: bool = False, replace: bool = False,
+            root: str | os.PathLike | None = None) -> None:
+        """Register adapter `name`: a PEFT folder, the `io.AdapterFiles` read from one, (config,
+        tensors) in memory, or None for the model's own adapter of that name. A folder is fully
+        checked now (keys, shapes, config) and read again when brought in (its bytes must hash as
+        they did now), unless keep_in_memory. `root`: every file read must resolve inside it.
+        With replace=True an existing adapter of that name is swapped out only once the new one
+        passed every check."""
         if name in self._sources and not replace:
             raise LoraError(f"adapter {name!r} is already in the bank; pass replace=True or another name")
         if source is None:
@@ -169,7 +200,7 @@ class AdapterBank:
                 raise LoraError(f"the model has no adapter named {name!r}")
             src: _ModelSource | _FileSource = _ModelSource(name)
         else:
-            src = _FileSource(self.model, source, keep_in_memory)
+            src = _FileSource(self.model, source, keep_in_memory, root)
         if name in self._sources:
             self.remove(name)
         self._sources[name] = src
@@ -203,13 +234,29 @@ class AdapterBank:
             return
         with torch.no_grad():
             for st in self._stacks.values():
-                if slot in st.filled:
-                    st.A[slot].zero_()
-                    st.Bt[slot].zero_()
-                    st.filled.discard(slot)
+                st.clear(slot)
         self._saved.pop(name, None)
         self._fingerprint.pop(name, None)
         self.evictions += 1
+        self._shrink()
+
+    def _shrink(self) -> None:
+        """Size every layer's slots for the largest rank still resident there (a layer no resident
+        adapter touches drops its slots), then hand freed memory back to the OS."""
+        freed = 0
+        for layer in list(self._stacks):
+            st = self._stacks[layer]
+            need = max(st.ranks.values(), default=0)
+            if need == st.rank:
+                continue
+            freed += st.A.numel() + st.Bt.numel()
+            if need == 0:
+                del self._stacks[layer]
+            else:
+                st.cut(need)
+                freed -= st.A.numel() + st.Bt.numel()
+        if freed * 4 >= 1 << 20:
+            _trim_heap()
 
     def ensure(self, names: Sequence[str]) -> dict[str, int]:
         """Make every adapter in `names` resident; returns name -> slot."""
@@ -258,11 +305,8 @@ class AdapterBank:
     def _fill(self, slot: int, name: str) -> None:
         src = self._sources[name]
         w = src.fetch(self.model)
-        for layer, st in self._stacks.items():
-            if slot in st.filled:
-                st.A[slot].zero_()
-                st.Bt[slot].zero_()
-                st.filled.discard(slot)
+        for st in self._stacks.values():
+            st.clear(slot)
         for layer, (A, B, s) in w.lora.items():
             r = A.shape[0]
             st = self._stack(layer, r)
@@ -272,6 +316,7 @@ class AdapterBank:
                 st.A[slot, :r].copy_(A)
             st.Bt[slot, :r].copy_(B.T.to(st.Bt.dtype) * s)
             st.filled.add(slot)
+            st.ranks[slot] = r
         self._saved[name] = {p: self._saved_copy(p, sd) for p, sd in w.saved.items()}
         if isinstance(src, _ModelSource):
             self._fingerprint[name] = src.fingerprint(_model_tables(self.model))
@@ -297,7 +342,7 @@ class AdapterBank:
             old_r = st.rank
             (new.A[:, :, :old_r] if emb else new.A[:, :old_r]).copy_(st.A)
             new.Bt[:, :old_r].copy_(st.Bt)
-            new.filled = st.filled
+            new.filled, new.ranks = st.filled, st.ranks
         self._stacks[layer] = new
         return new
 
@@ -353,6 +398,15 @@ class AdapterBank:
     def stats(self) -> dict[str, int]:
         return {"registered": len(self._sources), "resident": len(self._resident), "loads": self.loads,
                 "evictions": self.evictions, "hits": self.hits}
+
+
+def _trim_heap() -> None:
+    """Return freed heap pages to the OS (glibc keeps large freed blocks mapped otherwise, and the
+    process would stay as large as the largest adapter ever loaded). A no-op elsewhere."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 __all__ = ["AdapterBank"]

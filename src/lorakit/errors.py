@@ -13,3 +13,7 @@ class AdapterFileError(LoraError):
 
 class TargetError(LoraError):
     """Target patterns match nothing, or match a module lorakit cannot wrap."""
+
+
+class AdapterChangedError(AdapterFileError):
+    """An adapter's files no longer hold the bytes that were checked when it was registered."""

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import kinds
-from .config import ALL_LINEAR, LoraConfig, matches
+from .config import ALL_LINEAR, LoraConfig, match_budget, matches
 from .errors import LoraError, TargetError
 from .layer import LoraLayer, LoraState, ModulesToSave, lora_layers, require_state, saved_modules, state_of, walk
 
@@ -25,12 +25,19 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
     "t5": ["q", "v"], "mt5": ["q", "v"], "bart": ["q_proj", "v_proj"],
 }
 
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+MAX_ADAPTER_NAME = 64
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*", re.ASCII)
 
 
 def check_adapter_name(name: str) -> str:
-    if not isinstance(name, str) or not _ADAPTER_NAME.match(name):
-        raise LoraError(f"adapter name {name!r}: use letters, digits, '_' and '-' only")
+    """Names become dict keys, attribute names, URL parts and log lines: keep them short and plain
+    (a full match, so a trailing newline is refused too)."""
+    if not isinstance(name, str):
+        raise LoraError(f"adapter name {name!r}: must be a string")
+    if not name or len(name) > MAX_ADAPTER_NAME or not _ADAPTER_NAME.fullmatch(name):
+        shown = repr(name) if len(name) <= 80 else f"{name[:80]!r}... ({len(name):,} characters)"
+        raise LoraError(f"adapter name {shown}: use 1 to {MAX_ADAPTER_NAME} ASCII letters, digits, '_' and '-', "
+                        "starting with a letter or digit")
     if hasattr(nn.ParameterDict(), name) or hasattr(nn.ModuleDict(), name):
         raise LoraError(f"adapter name {name!r} is reserved (an attribute of torch's containers); pick another")
     return name
@@ -67,7 +74,13 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
-    """Dotted paths of the modules `config` targets in `model` (pure: changes nothing)."""
+    """Dotted paths of the modules `config` targets in `model` (pure: changes nothing).
+    All its pattern matching shares one time budget (config.match_budget)."""
+    with match_budget():
+        return _find_targets(model, config)
+
+
+def _find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     config = resolve_targets(model, config)
     found = []
     if config.targets == ALL_LINEAR:
@@ -130,14 +143,31 @@ def _save_module(model: nn.Module, path: str, state: LoraState) -> ModulesToSave
     return module
 
 
+# PEFT adds these to modules_to_save itself for these task types, so its configs list them whether
+# or not the model has them (a BERT classifier has no `score`): they may match nothing.
+PEFT_AUTO_SAVED: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"), "QUESTION_ANS": ("qa_outputs",),
+}
+
+
 def modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Paths of the modules `config.modules_to_save` names (exact path or dotted suffix; the
+    outermost when nested). Every entry must name at least one module (TargetError otherwise):
+    a misspelt head would silently stay untrained and unsaved."""
     if not config.modules_to_save:
         return []
     out: list[str] = []
+    used: set[str] = set()
     for path, _ in walk(model):
-        if any(path == m or path.endswith("." + m) for m in config.modules_to_save):
+        hits = [m for m in config.modules_to_save if path == m or path.endswith("." + m)]
+        if hits:
+            used.update(hits)
             if not any(path.startswith(o + ".") for o in out):
                 out.append(path)
+    exempt = PEFT_AUTO_SAVED.get(config.task_type or "", ())
+    for m in config.modules_to_save:
+        if m not in used and m not in exempt:
+            raise TargetError(f"modules_to_save entry {m!r} matches no module of {type(model).__name__}")
     return out
 
 
@@ -154,17 +184,20 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
     if adapter in state.configs:
         raise LoraError(f"adapter {adapter!r} already exists; delete_adapter() it or pick another name")
     config = resolve_targets(model, config)
-    paths = find_targets(model, config)
-    if not paths:
-        raise _no_match_error(model, config)
-    save_paths = modules_to_save_paths(model, config)
-    if config.modules_to_save and not save_paths:
-        raise TargetError(f"modules_to_save {config.modules_to_save!r} match no module")
+    with match_budget():  # every pattern of the config, over every path: one time budget
+        paths = find_targets(model, config)
+        if not paths:
+            raise _no_match_error(model, config)
+        save_paths = modules_to_save_paths(model, config)
+        if config.modules_to_save and not save_paths:
+            raise TargetError(f"modules_to_save {config.modules_to_save!r} match no module")
+        ranks = {path: (config.rank_for(path), config.alpha_for(path)) for path in paths}
     fan_in_fan_out = False
     for path in paths:
         layer = _wrap(model, path, state)
         fan_in_fan_out |= layer.kind.fan_in_fan_out
-        layer.add(adapter, config.rank_for(path), config.alpha_for(path), rslora=config.rslora,
+        r, alpha = ranks[path]
+        layer.add(adapter, r, alpha, rslora=config.rslora,
                   dropout=config.dropout, init=config.init, use_dora=config.use_dora, path=path)
     for path in save_paths:
         _save_module(model, path, state).add(adapter)

@@ -13,6 +13,8 @@ import argparse
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model: a transformers folder or an embedded name (smollm2, minilm)")
+    p.add_argument("--served-model-name", default=None,
+                   help="the base model's name in requests and /v1/models (default: --model as given)")
     p.add_argument("--adapters", default=None, help="folder whose subfolders are PEFT adapters, served by folder name")
     p.add_argument("--max-resident", type=int, default=8, help="adapters kept in the bank's slots at once (LRU; default 8)")
     p.add_argument("--host", default="127.0.0.1")
@@ -26,6 +28,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default: continuous batching, new requests join a running batch)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info")
+    g = p.add_argument_group("access and limits")
+    g.add_argument("--api-key", default=None,
+                   help="every endpoint but /health needs 'Authorization: Bearer KEY' (default: $LORAKIT_API_KEY; "
+                        "none: open, and a warning when not bound to loopback)")
+    g.add_argument("--admin-key", default=None,
+                   help="POST/DELETE /v1/adapters need this key instead (default: $LORAKIT_ADMIN_KEY)")
+    g.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header names answered (default: the bound address and localhost; "
+                        "'*' for any). Blocks DNS rebinding")
+    g.add_argument("--max-queue", type=int, default=256, help="requests waiting for a batch before 429 (default 256)")
+    g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
+    g.add_argument("--max-request-tokens", type=int, default=16384,
+                   help="(prompt + max_tokens) x n summed over a request's prompts (default 16384)")
+    g.add_argument("--max-prompt-chars", type=int, default=None,
+                   help="characters per prompt (default 32 x the model's context, at least 4096)")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take (default 600)")
+    g.add_argument("--max-adapter-bytes", type=int, default=2 << 30, help="largest adapter weights file (default 2 GiB)")
 
 
 def _default() -> tuple[str, str]:
@@ -45,15 +64,28 @@ def _default() -> tuple[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import os
+
     import torch
 
     from lorakit.errors import LoraError
-    from lorakit.serve import serve
+    from lorakit.serve import Limits, allowed_hosts_for, serve
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.max_resident < 1:
         raise LoraError(f"--max-resident must be at least 1, got {args.max_resident}")
+    for flag in ("max_queue", "max_body_bytes", "max_request_tokens", "max_adapter_bytes"):
+        if getattr(args, flag) < 1:
+            raise LoraError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    if args.request_timeout <= 0:
+        raise LoraError(f"--request-timeout must be positive, got {args.request_timeout}")
+    hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
+    limits = Limits(api_key=args.api_key or os.environ.get("LORAKIT_API_KEY") or None,
+                    admin_key=args.admin_key or os.environ.get("LORAKIT_ADMIN_KEY") or None,
+                    allowed_hosts=allowed_hosts_for(args.host, hosts), max_body_bytes=args.max_body_bytes,
+                    max_request_tokens=args.max_request_tokens, max_prompt_chars=args.max_prompt_chars,
+                    request_timeout=args.request_timeout)
     model, adapters = args.model, args.adapters
     if model is None:
         if adapters is not None:
@@ -61,5 +93,6 @@ def run(args: argparse.Namespace) -> int:
         model, adapters = _default()
     serve(model, adapters, host=args.host, port=args.port, max_resident=args.max_resident, device=args.device,
           dtype=args.dtype, wait_ms=args.wait_ms, max_batch=args.max_batch, log_level=args.log_level,
-          continuous=not args.static_batching)
+          continuous=not args.static_batching, limits=limits, max_queue=args.max_queue,
+          max_adapter_bytes=args.max_adapter_bytes, base_name=args.served_model_name)
     return 0

@@ -9,6 +9,13 @@ steps, and finished rows leave at once. Adapter loads and unloads are done by th
 forwards, so a forward never sees the model change under it. A request pins
 the exact adapter version it was admitted with: unloading or replacing an adapter never breaks a
 request already admitted.
+
+Off the happy path: a request whose client went away (`cancel`) leaves the batch at the next
+step, its cache rows and columns cut and its adapter pin released; at most `max_queue` requests
+wait (beyond: 429); a batch's adapters are brought into slots before it forms, so an adapter that
+fails to load (its files changed on disk since they were checked, or went bad) fails only its own
+requests; adapter files are read, hashed and checked off the worker, and the bytes checked are the
+bytes served.
 """
 
 from __future__ import annotations
@@ -28,8 +35,8 @@ from typing import Any, Callable
 import torch
 
 from ..bank import AdapterBank
-from ..errors import LoraError
-from ..io import CONFIG_NAME, WEIGHTS_NAME
+from ..errors import AdapterChangedError, LoraError
+from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME
 
 log = logging.getLogger("lorakit.serve")
 Emit = Callable[[str, Any], None]  # (event, payload), thread-safe
@@ -45,6 +52,11 @@ class ServeError(LoraError):
 
 @dataclass
 class GenRequest:
+    """One generation request (n choices of one prompt). Events to `emit`: ("prompt_logprobs",
+    entries) once if prompt_logprobs; ("delta", (choice, text, entries or None)); ("finish",
+    (choice, reason, tokens)); or ("error", exception). An entry is one token's {"id", "token",
+    "logprob", "top": [(token, logprob), ...]} under the model's own distribution."""
+
     key: str | None  # bank key of the pinned adapter (None: base)
     prompt_ids: list[int]
     max_tokens: int
@@ -54,8 +66,20 @@ class GenRequest:
     n: int = 1
     seed: int | None = None
     emit: Emit = lambda e, p: None
+    logprobs: int | None = None  # alternatives per generated token to report (None: no logprobs)
+    prompt_logprobs: bool = False  # report the prompt tokens' logprobs too (echo with logprobs)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
     rows_left: int = field(default=0, init=False)  # choices still running (the worker's count)
     closed: bool = field(default=False, init=False)  # answered (or failed) and its pin released
+    cancelled: bool = field(default=False, init=False)  # the client went away (set by any thread)
+
+    @property
+    def plain(self) -> bool:
+        """Greedy with nothing to report or adjust: the batch's argmax is the answer."""
+        return not (self.temperature and self.temperature > 0) and self.logprobs is None and not (
+            self.logit_bias or self.presence_penalty or self.frequency_penalty)
 
 
 @dataclass
@@ -64,6 +88,7 @@ class ClassifyRequest:
     texts: list[str]
     emit: Emit = lambda e, p: None
     closed: bool = field(default=False, init=False)
+    cancelled: bool = field(default=False, init=False)
 
 
 @dataclass
@@ -101,7 +126,8 @@ class Engine:
 
     def __init__(self, model: str, adapters_dir: str | Path | None = None, *, max_resident: int = 8,
                  max_batch: int = 32, wait_ms: float = 5.0, device: str = "cpu", dtype: str = "auto",
-                 base_name: str | None = None, continuous: bool = True):
+                 base_name: str | None = None, continuous: bool = True, max_queue: int = 256,
+                 max_batch_tokens: int = 16384, max_adapter_bytes: int | None = 2 << 30):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         from ..models import model_path
@@ -136,6 +162,10 @@ class Engine:
         self.base_name = base_name or str(model)
         self.bank = AdapterBank(self.model, capacity=max_resident)
         self.max_batch, self.wait = max_batch, wait_ms / 1000
+        self.max_queue = max_queue  # requests waiting for a batch; beyond: 429
+        self.max_batch_tokens = max_batch_tokens  # padded prompt tokens in one prefill (memory bound)
+        self.max_adapter_bytes = max_adapter_bytes
+        self.vocab = int(getattr(config, "vocab_size", 0) or len(self.tokenizer))
         self.continuous = continuous  # False: a generation batch runs to its end before others start
         self.context = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
                         or min(getattr(self.tokenizer, "model_max_length", 2048), 1 << 20))
@@ -162,6 +192,7 @@ class Engine:
             self._labels[None] = [str(id2label.get(i, f"LABEL_{i}")) for i in range(self.model.config.num_labels)]
         self._pending: Counter[str] = Counter()
         self._doomed: set[str] = set()
+        self._loading: set[str] = set()  # names whose registration is under way (the 409 rule)
         self._gen = itertools.count()
         self.metrics: Counter[str] = Counter()
         self._q: queue.Queue = queue.Queue()
@@ -173,7 +204,9 @@ class Engine:
             for sub in sorted(self.root.iterdir()):
                 if _is_adapter_dir(sub):
                     try:
-                        self._register(sub.name, sub)
+                        if sub.name == self.base_name:
+                            raise LoraError("the folder has the base model's name")
+                        self._register(sub.name, *self.read_adapter(sub))
                     except LoraError as e:
                         log.warning("skipping adapter %s: %s", sub.name, e)
         self._worker = threading.Thread(target=self._run, name="lorakit-serve-worker", daemon=True)
@@ -192,14 +225,11 @@ class Engine:
             key = self._registry.get(model)
             return self._labels.get(key) if key is not None else None
 
-    def _register(self, name: str, path: Path) -> None:
-        """Worker thread (or before it starts): check + register; the old version stays until unpinned."""
-        from ..inject import check_adapter_name
-
-        check_adapter_name(name)
+    def _register(self, name: str, files: Any, labels: list[str] | None) -> None:
+        """Worker thread (or before it starts): check against the model + register; the old
+        version stays until unpinned. `files`: what read_adapter() read and hashed."""
         key = f"{name}#{next(self._gen)}"
-        self.bank.add(key, path)  # all checks first: raises without touching the current version
-        labels = self._adapter_labels(path) if self.task == "classify" else None
+        self.bank.add(key, files, root=self.root)  # all checks first: raises without touching the current version
         with self._lock:
             self._labels[key] = labels
             old = self._registry.get(name)
@@ -208,35 +238,90 @@ class Engine:
                 self._doomed.add(old)
         self._purge()
 
-    def resolve_path(self, path: str) -> Path:
-        if self.root is None:
-            raise ServeError("this server has no adapters folder (--adapters): it cannot load adapters", 400)
-        p = Path(path)
-        p = (p if p.is_absolute() else self.root / p).resolve()
-        if p != self.root and self.root not in p.parents:
-            raise ServeError(f"adapter path {path!r} is outside the adapters folder {self.root}", 400)
-        if not _is_adapter_dir(p):
-            raise ServeError(f"adapter path {path!r}: not an adapter folder ({CONFIG_NAME} + {WEIGHTS_NAME})", 400)
-        return p
-
-    def load_adapter(self, name: str, path: str, replace: bool = False) -> Control:
+    def check_name(self, name: str) -> None:
         from ..inject import check_adapter_name
 
         try:
             check_adapter_name(name)
         except LoraError as e:
-            raise ServeError(str(e), 400) from None
-        resolved = self.resolve_path(path)
+            raise ServeError(str(e), 400, "invalid_adapter_name") from None
+        if name == self.base_name:
+            raise ServeError(f"adapter name {name!r} is the base model's name", 400, "invalid_adapter_name")
+
+    def resolve_path(self, path: str, max_chars: int = 4096) -> Path:
+        """An adapter folder named by a client: inside the adapters root once symlinks are
+        followed (the files in it are checked again when read). Call it off the event loop."""
+        if self.root is None:
+            raise ServeError("this server has no adapters folder (--adapters): it cannot load adapters", 400)
+        if len(path) > max_chars or "\x00" in path:
+            raise ServeError(f"adapter path: at most {max_chars} characters, no NUL bytes", 400)
+        try:
+            p = Path(path)
+            p = (p if p.is_absolute() else self.root / p).resolve()
+        except (OSError, ValueError, RuntimeError):  # symlink loops, names the OS refuses
+            raise ServeError(f"adapter path {_short(path)}: cannot be resolved", 400) from None
+        if p != self.root and self.root not in p.parents:
+            raise ServeError(f"adapter path {_short(path)} is outside the adapters folder {self.root}", 400)
+        if not _is_adapter_dir(p):
+            raise ServeError(f"adapter path {_short(path)}: not an adapter folder ({CONFIG_NAME} + {WEIGHTS_NAME})", 400)
+        return p
+
+    def read_adapter(self, folder: Path) -> tuple[Any, list[str] | None]:
+        """Read, hash and check an adapter folder's files (confined to the root) and its class
+        names: file work done by the calling thread, never the event loop or the worker."""
+        from ..io import read_adapter_files
+
+        files = read_adapter_files(folder, root=self.root, max_bytes=self.max_adapter_bytes)
+        labels = self._adapter_labels(files) if self.task == "classify" else None
+        return files, labels
+
+    def load_adapter(self, name: str, path: str, replace: bool = False, timeout: float = 600.0) -> None:
+        """Register adapter `name` from `path` (inside the adapters root); blocking, for a thread
+        other than the event loop and the worker. The name is reserved at once, so of two
+        concurrent loads of one new name exactly one succeeds (the other: 409)."""
+        self.check_name(name)
         with self._lock:
+            if name in self._loading:
+                raise ServeError(f"adapter {name!r} is being loaded by another request", 409, "adapter_exists")
             if name in self._registry and not replace:
-                raise ServeError(f"adapter {name!r} is already loaded; pass \"replace\": true to swap it", 409)
-        return Control(lambda: self._register(name, resolved), lambda e, p: None)
+                raise ServeError(f"adapter {name!r} is already loaded; pass \"replace\": true to swap it", 409,
+                                 "adapter_exists")
+            self._loading.add(name)
+        try:
+            folder = self.resolve_path(path)
+            try:
+                files, labels = self.read_adapter(folder)
+            except LoraError as e:
+                raise ServeError(f"adapter {name!r} was not loaded (any previous version keeps serving): {e}", 400,
+                                 "adapter_load_failed") from None
+            done, result = threading.Event(), []
+
+            def emit(event: str, payload: Any) -> None:
+                result.append((event, payload))
+                done.set()
+
+            self.submit(Control(lambda: self._register(name, files, labels), emit))
+            if not done.wait(timeout):
+                raise ServeError("the adapter load did not finish in time", 503, "timeout")
+            event, payload = result[0]
+            if event == "error":
+                if isinstance(payload, ServeError):
+                    raise payload
+                if isinstance(payload, LoraError):
+                    raise ServeError(f"adapter {name!r} was not loaded (any previous version keeps serving): "
+                                     f"{payload}", 400, "adapter_load_failed")
+                raise payload
+        finally:
+            with self._lock:
+                self._loading.discard(name)
 
     def unload_adapter(self, name: str) -> None:
+        if name == self.base_name:
+            raise ServeError(f"{_short(name)} is the base model: it cannot be unloaded", 400, "invalid_request_error")
         with self._lock:
             key = self._registry.pop(name, None)
             if key is None:
-                raise ServeError(f"no adapter named {name!r}", 404, "model_not_found")
+                raise ServeError(f"no adapter named {_short(name)}", 404, "model_not_found")
             self._doomed.add(key)
         self.submit(Control(self._purge, lambda e, p: None))
 
@@ -249,24 +334,23 @@ class Engine:
             if k in self.bank:
                 self.bank.remove(k)
 
-    def _adapter_labels(self, path: Path) -> list[str] | None:
+    def _adapter_labels(self, files: Any) -> list[str] | None:
         """Class names for an adapter's rows. An adapter with its own head has its own label count
         (read from the file), named by the `labels` that `lorakit train` writes to metrics.json
         beside it, else LABEL_i; an adapter without a head answers with the base's labels."""
-        from safetensors import safe_open
-
-        from ..io import PREFIX
-
         if self._head is None:
             return None  # unknown logits layer: named by position, LABEL_i
-        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
-            key = f"{PREFIX}{self._head}.weight"
-            if key not in f.keys():
-                return self._labels[None]
-            width = f.get_slice(key).get_shape()[0]
-        try:
-            names = json.loads((path / "metrics.json").read_text()).get("labels")
-        except (OSError, ValueError, AttributeError):
+        head = files.tensors.get(f"{PREFIX}{self._head}.weight")
+        if head is None:
+            return self._labels[None]
+        width = head.shape[0]
+        names = None
+        meta = files.folder / "metrics.json"
+        try:  # optional; read only inside the root and when small
+            real = meta.resolve(strict=True)
+            if (self.root is None or self.root in real.parents) and real.stat().st_size < 1 << 20:
+                names = json.loads(real.read_bytes()).get("labels")
+        except (OSError, ValueError, AttributeError, RuntimeError):
             names = None
         if isinstance(names, list) and len(names) == width and all(isinstance(n, str) for n in names):
             return names
@@ -283,7 +367,7 @@ class Engine:
             key = self._registry.get(model)
             if key is None:
                 known = [self.base_name, *sorted(self._registry)]
-                raise ServeError(f"model {model!r} does not exist; models: {known}", 404, "model_not_found")
+                raise ServeError(f"model {_short(model)} does not exist; models: {known[:20]}", 404, "model_not_found")
             self._pending[key] += 1
             return key
 
@@ -298,6 +382,33 @@ class Engine:
     # ---- requests ---------------------------------------------------------------------------
     def submit(self, item: GenRequest | ClassifyRequest | Control) -> None:
         self._q.put(item)
+
+    def rows_running(self) -> int:
+        """Generation rows in the running batch (any thread; a snapshot)."""
+        run = self._running
+        return sum(1 for r in list(run.rows) if not r.done) if run is not None else 0
+
+    def queue_depth(self) -> int:
+        """Work items waiting for the worker (submitted, not yet in a batch)."""
+        return self._q.qsize() + len(self._backlog)
+
+    def enqueue(self, reqs: list[GenRequest | ClassifyRequest]) -> None:
+        """Submit a request's items, or refuse them all with 429 when max_queue are waiting
+        already (their pins are released)."""
+        if self.queue_depth() + len(reqs) > self.max_queue:
+            for r in reqs:
+                self.release(r.key)
+                r.closed = True
+            self.metrics["rejected"] += 1
+            raise ServeError(f"the server is busy ({self.max_queue} requests waiting); retry shortly", 429,
+                             "rate_limit_exceeded")
+        for r in reqs:
+            self.submit(r)
+
+    def cancel(self, reqs: list[GenRequest | ClassifyRequest]) -> None:
+        """The client went away: its requests leave the batch at the next step (any thread)."""
+        for r in reqs:
+            r.cancelled = True
 
     def check_length(self, n_prompt: int, max_tokens: int) -> None:
         if n_prompt + max_tokens > self.context:
@@ -348,6 +459,40 @@ class Engine:
         """Requests that could not be taken go back to the front of the backlog, in order."""
         self._backlog.extendleft(reversed(reqs))
 
+    def _reap(self, items: list) -> list:
+        """Drop what was cancelled: waiting requests, running rows (their cache rows and columns
+        are cut), and `items` just gathered. Returns the items still wanted."""
+        if any(r.cancelled for r in self._backlog):
+            keep = [r for r in self._backlog if not r.cancelled]
+            for r in self._backlog:
+                if r.cancelled:
+                    self._drop(r)
+            self._backlog.clear()
+            self._backlog.extend(keep)
+        run = self._running
+        if run is not None:
+            gone = [row for row in run.rows if not row.done and (row.req.cancelled or row.req.closed)]
+            for row in gone:
+                row.done = "cancelled"
+                self._drop(row.req)
+            if gone:
+                run.compact(self)
+                if all(r.done for r in run.rows):
+                    self._running = None
+        out = []
+        for i in items:
+            if getattr(i, "cancelled", False):
+                self._drop(i)
+            else:
+                out.append(i)
+        return out
+
+    def _drop(self, req: GenRequest | ClassifyRequest) -> None:
+        """A cancelled request leaves: counted once, pin released, no more events."""
+        if not req.closed:
+            self.metrics["cancelled"] += 1
+            self._close(req)
+
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while True:
@@ -355,6 +500,7 @@ class Engine:
             if items is None:
                 return
             try:
+                items = self._reap(items)
                 for c in [i for i in items if isinstance(i, Control)]:
                     try:
                         _emit(c, "done", c.fn())
@@ -403,6 +549,9 @@ class Engine:
         """Take as many as fit the bank's capacity of distinct adapters; the rest wait."""
         take, rest = self._fit(reqs, set(), 0)
         self._defer(rest)
+        take = self._preload(take, set())
+        if not take:
+            return
         try:
             self._classify(take)
             self.metrics["batches"] += 1
@@ -417,21 +566,58 @@ class Engine:
 
     def _fit(self, reqs: list, keys: set, rows: int) -> tuple[list, list]:
         """The requests that join a batch already holding adapters `keys` and `rows` rows: at most
-        the bank's capacity of distinct adapters and max_batch rows (one request always fits an
-        empty batch); the others wait, in order."""
+        the bank's capacity of distinct adapters, max_batch rows, and max_batch_tokens padded
+        prompt tokens in the new prefill (one request always fits an empty batch); the others
+        wait, in order."""
         cap = self.bank.capacity or len(reqs) + len(keys)
         keys, take, rest = set(keys), [], []
+        new_rows, width = 0, 0
         for r in reqs:
             n = r.n if isinstance(r, GenRequest) else len(r.texts)
+            length = len(r.prompt_ids) if isinstance(r, GenRequest) else 0
             new_key = r.key is not None and r.key not in keys
-            if rest or (new_key and len(keys) >= cap) or (rows and rows + n > self.max_batch):
+            too_long = new_rows and (new_rows + n) * max(width, length) > self.max_batch_tokens
+            if rest or (new_key and len(keys) >= cap) or (rows and rows + n > self.max_batch) or too_long:
                 rest.append(r)
                 continue
             if new_key:
                 keys.add(r.key)
             take.append(r)
             rows += n
+            new_rows, width = new_rows + n, max(width, length)
         return take, rest
+
+    def _preload(self, reqs: list, keep: set) -> list:
+        """Bring each new adapter of `reqs` into a slot before the batch forms (keeping `keep`,
+        the running batch's). An adapter that fails to load fails its own requests only."""
+        keep = {k for k in keep if k is not None}
+        failed: dict[str, ServeError] = {}
+        ok = []
+        for r in reqs:
+            k = r.key
+            if k is not None and k not in keep and k not in failed:
+                try:
+                    self.bank.ensure([*keep, k])
+                    keep.add(k)
+                except Exception as e:  # noqa: BLE001 - this adapter's requests get the error
+                    failed[k] = self._load_error(k, e)
+            if k in failed:
+                self._fail(r, failed[k])
+            else:
+                ok.append(r)
+        return ok
+
+    def _load_error(self, key: str, e: Exception) -> ServeError:
+        name = key.rsplit("#", 1)[0]
+        self.metrics["adapter_load_failures"] += 1
+        if isinstance(e, AdapterChangedError):
+            self.metrics["adapter_integrity_failures"] += 1
+            log.warning("adapter %s refused: %s", name, e)
+            why = "its files changed on disk since they were checked; the server refuses it until it is replaced"
+        else:
+            log.warning("adapter %s could not be brought into a slot: %s", name, e)
+            why = "it could not be loaded (see the server log)"
+        return ServeError(f"adapter {name!r} is unavailable: {why}", 503, "adapter_unavailable")
 
     def _classify(self, reqs: list[ClassifyRequest]) -> None:
         texts = [t for r in reqs for t in r.texts]
@@ -462,11 +648,12 @@ class Engine:
         live = [r for r in run.rows if not r.done] if run else []
         take, rest = self._fit(reqs, {r.req.key for r in live}, len(live))
         self._defer(rest)
-        for r in [r for r in take if r.max_tokens <= 0]:  # nothing to generate
+        take = self._preload(take, {r.req.key for r in live})
+        for r in [r for r in take if r.max_tokens <= 0 and not r.prompt_logprobs]:  # nothing to compute
             for c in range(r.n):
                 _emit(r, "finish", (c, "length", 0))
             self._close(r)
-        take = [r for r in take if r.max_tokens > 0]
+        take = [r for r in take if r.max_tokens > 0 or r.prompt_logprobs]
         if take:
             self._guarded(take, lambda: self._prefill(take))
 
@@ -496,9 +683,15 @@ class Engine:
             ids[i, L - len(r.req.prompt_ids):] = torch.tensor(r.req.prompt_ids)
             mask[i, L - len(r.req.prompt_ids):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache, logits = self._forward(ids, mask, pos, rows)
+        full = any(r.prompt_logprobs for r in reqs)
+        cache, logits, every = self._forward(ids, mask, pos, rows, full=full)
         self.metrics["batches"] += 1
         self.metrics["batch_rows"] += B
+        if full:
+            for i, r in enumerate(rows):
+                if r.req.prompt_logprobs and r.choice == 0:
+                    _emit(r.req, "prompt_logprobs", self._prompt_logprobs(every[i], r.req))
+            del every
         new = _Running(rows, cache, mask, pos[:, -1:] + 1, self._choose(logits, rows))
         new.settle(self)
         if all(r.done for r in new.rows):
@@ -512,24 +705,43 @@ class Engine:
     def _decode_step(self) -> None:
         run = self._running
         mask = torch.cat([run.mask, run.mask.new_ones(len(run.rows), 1)], 1)
-        run.cache, logits = self._forward(run.nxt[:, None], mask, run.pos, run.rows, run.cache)
+        run.cache, logits, _ = self._forward(run.nxt[:, None], mask, run.pos, run.rows, run.cache)
         run.mask, run.pos, run.nxt = mask, run.pos + 1, self._choose(logits, run.rows)
         run.settle(self)
         if all(r.done for r in run.rows):
             self._running = None
 
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, rows: list[_Row],
-                 cache: Any = None) -> tuple[Any, torch.Tensor]:
-        """One forward of the rows' tokens (each row through its own adapter): the KV cache and
-        the last position's logits (B, vocab)."""
-        kw = {"attention_mask": mask.to(self.device), "use_cache": True, **self._last_only}
+                 cache: Any = None, full: bool = False) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
+        """One forward of the rows' tokens (each row through its own adapter): the KV cache, the
+        last position's logits (B, vocab) and, with `full`, every position's (B, L, vocab)."""
+        kw = {"attention_mask": mask.to(self.device), "use_cache": True, **({} if full else self._last_only)}
         if cache is not None:
             kw[self._cache_kw] = cache
         if self._pos_ids:
             kw["position_ids"] = pos.to(self.device)
         with self.bank.rows([None if r.done else r.req.key for r in rows]):  # (a finished row's adapter may be gone)
             out = self.model(input_ids=ids.to(self.device), **kw)
-        return _cache_of(out), out.logits[:, -1].float()
+        return _cache_of(out), out.logits[:, -1].float(), out.logits if full else None
+
+    def _prompt_logprobs(self, logits: torch.Tensor, req: GenRequest) -> list[dict]:
+        """Entries for the prompt's tokens (the first has no logprob: nothing comes before it),
+        from this row's logits over the whole left-padded sequence (L, vocab)."""
+        ids = req.prompt_ids
+        n = len(ids)
+        lp = logits[-n:].float().log_softmax(-1)  # position j predicts token j + 1
+        out = [{"id": ids[0], "token": self.tokenizer.decode([ids[0]]), "logprob": None, "top": []}]
+        for j in range(1, n):
+            out.append(self._entry(ids[j], lp[j - 1], req.logprobs or 0))
+        return out
+
+    def _entry(self, tok: int, logp: torch.Tensor, k: int) -> dict:
+        """One token's logprob and the k most likely tokens at that step."""
+        top = []
+        if k:
+            vals, idx = logp.topk(min(k, logp.shape[-1]))
+            top = [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
+        return {"id": int(tok), "token": self.tokenizer.decode([int(tok)]), "logprob": float(logp[tok]), "top": top}
 
     def _editable(self, run: _Running) -> list | None:
         """The running batch's cache as [keys, values] per layer when rows may join and leave it."""
@@ -538,11 +750,19 @@ class Engine:
     def _emit_token(self, r: _Row, tok: int) -> None:
         """Take row r's next token: stream the new text, finish the row on EOS, a stop string or max_tokens."""
         req, text = r.req, r.sent
-        if req.closed:  # the request failed (or its client went away): the row leaves
+        if req.cancelled:  # its client went away: the row leaves (counted, pin released, once)
+            r.done = "cancelled"
+            self._drop(req)
+            return
+        if req.closed:  # the request failed: the row leaves
             r.done = "error"
             return
-        if tok in self.eos:
+        entries, r.pending = r.pending, []
+        if req.max_tokens <= 0:  # the prompt was scored (echo with logprobs): nothing is generated
+            r.done, entries = "length", []
+        elif tok in self.eos:
             r.done = "stop"
+            entries = entries[:-1]  # the end-of-sequence token is not part of the answer
             text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True) if r.out_ids else ""
         else:
             r.out_ids.append(tok)
@@ -553,9 +773,11 @@ class Engine:
             elif len(r.out_ids) >= req.max_tokens:
                 r.done = "length"
         # hold back a partial UTF-8 character until it completes (or the row ends)
-        if len(text) > len(r.sent) and (r.done or not text.endswith("\ufffd")):
-            _emit(req, "delta", (r.choice, text[len(r.sent):]))
+        if (len(text) > len(r.sent) and (r.done or not text.endswith("\ufffd"))) or (r.done and entries):
+            _emit(req, "delta", (r.choice, text[len(r.sent):], entries or None))
             r.sent = text
+        else:
+            r.pending = entries  # reported with the text they belong to
         if r.done:
             _emit(req, "finish", (r.choice, r.done, len(r.out_ids)))
             self.metrics["completion_tokens"] += len(r.out_ids)
@@ -564,22 +786,51 @@ class Engine:
                 self._close(req)
 
     def _choose(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """Each row's next token: greedy, or sampled with its request's temperature and top_p."""
+        """Each row's next token: greedy, or sampled with its request's temperature and top_p,
+        after its logit_bias and penalties; with logprobs, the token's entry is kept on the row."""
         nxt = logits.argmax(-1).cpu()
         for i, row in enumerate(rows):
             r = row.req
-            if row.done or r.closed or not (r.temperature and r.temperature > 0):
+            if row.done or r.closed or r.cancelled or r.plain or r.max_tokens <= 0:
                 continue
             try:
-                p = (logits[i] / r.temperature).softmax(-1).cpu()
-                if r.top_p < 1.0:
-                    sp, si = p.sort(descending=True)
-                    keep = sp.cumsum(0) - sp < r.top_p
-                    p = torch.zeros_like(p).scatter(0, si[keep], sp[keep])
-                nxt[i] = torch.multinomial(p, 1, generator=row.gen)[0]
+                nxt[i] = self._pick(logits[i], row)
             except Exception as e:  # noqa: BLE001 - one request's sampling never fails the batch
-                self._fail(r, e)
+                log.warning("sampling failed for one request: %s", e)
+                self._fail(r, ServeError("the model gave no usable next-token distribution for this request", 500,
+                                         "sampling_failed"))
         return nxt
+
+    def _pick(self, logits: torch.Tensor, row: _Row) -> int:
+        """One row's token. Numerically safe for every accepted temperature (down to the smallest
+        float) and top_p: the logits are shifted by their maximum and divided in float64 (a float32
+        temperature of 1e-300 would be 0), so the largest is 0 and the rest at most 0 (a tiny
+        temperature gives -inf, i.e. greedy)."""
+        r = row.req
+        l = logits.float().cpu()
+        if not torch.isfinite(l).all():
+            l = torch.nan_to_num(l, nan=float("-inf"), posinf=torch.finfo(torch.float32).max)
+            if not torch.isfinite(l).any():
+                raise ValueError("no finite logit")
+        raw = l.log_softmax(-1) if r.logprobs is not None else None
+        if r.logit_bias:
+            ids = torch.tensor(list(r.logit_bias), dtype=torch.long)
+            l = l.index_add(0, ids, torch.tensor(list(r.logit_bias.values()), dtype=l.dtype))
+        if (r.presence_penalty or r.frequency_penalty) and row.out_ids:
+            counts = torch.bincount(torch.tensor(row.out_ids), minlength=l.shape[0])[: l.shape[0]].to(l.dtype)
+            l = l - r.frequency_penalty * counts - r.presence_penalty * (counts > 0).to(l.dtype)
+        if r.temperature and r.temperature > 0:
+            p = ((l - l.max()).double() / r.temperature).softmax(-1)
+            if r.top_p < 1.0:
+                sp, si = p.sort(descending=True)
+                keep = sp.cumsum(0) - sp < r.top_p
+                p = torch.zeros_like(p).scatter(0, si[keep], sp[keep])
+            tok = int(torch.multinomial(p, 1, generator=row.gen)[0])
+        else:
+            tok = int(l.argmax())
+        if raw is not None:
+            row.pending.append(self._entry(tok, raw, r.logprobs))
+        return tok
 
 
 @dataclass
@@ -592,6 +843,7 @@ class _Row:
     out_ids: list[int] = field(default_factory=list)
     sent: str = ""  # text streamed so far
     done: str | None = None  # finish reason
+    pending: list[dict] = field(default_factory=list)  # logprob entries not yet sent with their text
 
 
 @dataclass
@@ -612,6 +864,10 @@ class _Running:
         for r, tok in zip(self.rows, self.nxt.tolist()):
             if not r.done:
                 engine._emit_token(r, tok)
+        self.compact(engine)
+
+    def compact(self, engine: Engine) -> None:
+        """Cut finished rows out of the batch, and the cache columns no row attends to any more."""
         keep = [i for i, r in enumerate(self.rows) if not r.done]
         kv = engine._editable(self)
         if not keep or len(keep) == len(self.rows) or kv is None:
@@ -673,6 +929,11 @@ def _pad_seq(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
 def _cache_of(out: Any) -> Any:
     """A forward's KV cache: `cache` in newer transformers (`past_key_values` deprecated there)."""
     return out["cache"] if "cache" in out else out.past_key_values
+
+
+def _short(text: str, n: int = 80) -> str:
+    """A client's string for an error message, cut to n characters (names can be huge)."""
+    return repr(text if len(text) <= n else text[:n] + "...")
 
 
 def _emit(item: Any, event: str, payload: Any) -> None:

@@ -59,7 +59,37 @@ def train(config: TrainConfig | None = None, /, *, callback: Callable[[dict], No
         config = TrainConfig.from_dict(options)
     elif options:
         config = TrainConfig.from_dict({**config.to_dict(), **options})
+    check_dependencies(config)
     return _Run(config, callback).run()
+
+
+# (module, what it is for, the extra that installs it)
+_ALWAYS = [("transformers", "models and tokenizers", "train"), ("tqdm", "the progress bar", "train"),
+           ("matplotlib", "the loss plot", "train")]
+_QUANTIZE = {"nf4": "bitsandbytes", "fp4": "bitsandbytes", "int8": "bitsandbytes", "int8-wo": "torchao"}
+
+
+def _installed(module: str) -> bool:
+    """Importable, without importing it (None in sys.modules, as for a blocked module, counts as not)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_dependencies(config: TrainConfig) -> None:
+    """Fail before any data or model is loaded when an optional library the run will need is
+    missing (without matplotlib a run used to train to the end, then crash on the final plot)."""
+    needs = list(_ALWAYS)
+    if config.quantize:
+        needs.append((_QUANTIZE[config.quantize], f"--quantize {config.quantize}", "quant"))
+    missing = [(m, why, extra) for m, why, extra in needs if not _installed(m)]
+    if missing:
+        extras = sorted({extra for _, _, extra in missing})
+        raise LoraError("lorakit train needs " + ", ".join(f"{m} ({why})" for m, why, _ in missing)
+                        + ", not installed here: " + " and ".join(f"pip install 'lorakit[{e}]'" for e in extras))
 
 
 def _linear_schedule(warmup: int, total: int):
