@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.batch import RowGroups
+from lorakit.batch import RowGroups, reference_layer, rows
 from lorakit.layer import state_of
 from tiny import randomize, tiny_gpt2, tiny_llama
 
@@ -49,18 +49,20 @@ def alone(model, x, names, **kw):
     return torch.cat(out)
 
 
+class Loop(RowGroups):
+    """Row groups that every layer runs through the reference loop (one adapter at a time)."""
+
+    def layer_forward(self, layer, x, y):
+        return reference_layer(layer, x, y, self)
+
+    def single_weights(self, layer, x):
+        return None
+
+
 def reference(model, x, names):
-    """The core's reference loop (a plain dict of row groups takes LoraLayer's loop path)."""
-    st = state_of(model)
-    groups = {}
-    for i, n in enumerate(names):
-        if n is not None:
-            groups.setdefault(n, []).append(i)
-    st.rows, st.row_groups = names, {n: torch.tensor(v) for n, v in groups.items()}
-    try:
+    """The reference loop over adapters, in every layer."""
+    with rows(state_of(model), Loop(names, slots=None, keys=names, trainable=True, model_mode=True)):
         return model(x).logits
-    finally:
-        st.rows = st.row_groups = None
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
@@ -142,9 +144,9 @@ def test_per_row_sees_in_place_updates_and_new_adapters():
 def test_row_groups_still_map_adapters_to_rows():
     model = build("gpt2")
     with lk.per_row(model, ["a", None, "a", "b"]):
-        g = state_of(model).row_groups
+        g = state_of(model).rows
         assert isinstance(g, RowGroups) and {k: v.tolist() for k, v in g.items()} == {"a": [0, 2], "b": [3]}
-    assert state_of(model).row_groups is None
+    assert state_of(model).rows is None
 
 
 def test_one_adapter_for_every_row_merges_on_the_fly_like_set_adapter(monkeypatch, tmp_path):

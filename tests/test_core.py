@@ -403,7 +403,7 @@ def test_generic_adapter_path_gradients(kind):
         B = torch.randn(4, 3, 1, 1, dtype=torch.double, requires_grad=True)
         args, cd = (x, A, B), 1
     kind_ = kinds.kind_of(base)
-    project = partial(kind_.project, base)
+    project = partial(kind_.apply_a, base)
 
     def fn(*t):
         xx, AA, BB = (x, *t) if kind == "embedding" else t
@@ -498,3 +498,53 @@ def test_autocast_keeps_the_separate_path(monkeypatch):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(torch.randn(4, 20, 12))
     assert not calls
+
+
+class UserLinear(nn.Module):
+    """A user's own linear layer (not an nn.Linear): y = x W^T + b."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in ** 0.5)
+        self.bias = nn.Parameter(torch.zeros(n_out))
+
+    def forward(self, x):
+        return x @ self.weight.T + self.bias
+
+
+def test_a_registered_kind_takes_the_fused_and_batched_paths(monkeypatch):
+    """A kind declared with lk.register() is the one dispatch: its layers run the fused linear node,
+    mixed batches run the batched op (not the reference loop), and the answers are the dense ones."""
+    from lorakit import core, ops
+
+    lk.register(UserLinear, lk.Kind(name="user_linear", dims=lambda m: (m.weight.shape[1], m.weight.shape[0]),
+                                    matrix=lambda m: m.weight, a_shape=lambda m, r: (r, m.weight.shape[1]),
+                                    b_shape=lambda m, r: (m.weight.shape[0], r), meets="matmul"))
+    calls = {"fused": 0, "rows": 0}
+    fused, rows = core.lora_linear, ops.lora_rows
+    monkeypatch.setattr(core, "lora_linear", lambda *a, **k: (calls.__setitem__("fused", calls["fused"] + 1), fused(*a, **k))[1])
+    monkeypatch.setattr(ops, "lora_rows", lambda *a, **k: (calls.__setitem__("rows", calls["rows"] + 1), rows(*a, **k))[1])
+    torch.manual_seed(0)
+    model = nn.Sequential(UserLinear(6, 8), nn.ReLU(), UserLinear(8, 4))
+    dense = [(m.weight.detach().clone(), m.bias.detach().clone()) for m in (model[0], model[2])]
+    for name in ("a", "b"):
+        lk.inject(model, lk.LoraConfig(r=2, alpha=4, targets=["0", "2"], init=False), name)
+    x = torch.randn(3, 6)
+
+    def reference(name):
+        h = x
+        for i, (W, b) in enumerate(dense):
+            layer = model[2 * i]
+            h = h @ (W + layer.delta(name)).T + b
+            if i == 0:
+                h = h.relu()
+        return h
+
+    lk.set_adapter(model, "a")
+    torch.testing.assert_close(model(x), reference("a"), atol=1e-5, rtol=1e-5)
+    assert calls["fused"] == 2 and calls["rows"] == 0
+    with torch.no_grad(), lk.per_row(model, ["a", "b", "a"]):
+        mixed = model(x)
+    assert calls["rows"] == 2  # the batched op in both layers, no loop over adapters
+    for i, name in enumerate(["a", "b", "a"]):
+        torch.testing.assert_close(mixed[i], reference(name)[i], atol=1e-5, rtol=1e-5)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
+from lorakit import files as lkfiles
 from lorakit import io as lkio
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +37,7 @@ ZYGOTE = textwrap.dedent('''
     from torch import nn
     torch.set_num_threads(1)
     import lorakit as lk
+    import lorakit.files as lkfiles
     import lorakit.io as lkio
 
     work = Path(sys.argv[1])
@@ -57,13 +59,13 @@ ZYGOTE = textwrap.dedent('''
     def naive(i, dest):
         """The old write_dir_atomic: each file replaced atomically, the pair not (the pause stands
         for the config's write and fsync, which came between the two renames)."""
-        lkio.write_file_atomic(dest / lkio.WEIGHTS_NAME, lambda p: p.write_bytes(refs[i][lkio.WEIGHTS_NAME]))
+        lkfiles.write_file_atomic(dest / lkio.WEIGHTS_NAME, lambda p: p.write_bytes(refs[i][lkio.WEIGHTS_NAME]))
         time.sleep(0.002)
-        lkio.write_file_atomic(dest / lkio.CONFIG_NAME, lambda p: p.write_bytes(refs[i][lkio.CONFIG_NAME]))
+        lkfiles.write_file_atomic(dest / lkio.CONFIG_NAME, lambda p: p.write_bytes(refs[i][lkio.CONFIG_NAME]))
 
     def worker(mode, dest):
         if mode == "fallback":  # as on a system without renameat2(RENAME_EXCHANGE)
-            lkio._exchange = lambda a, b: False
+            lkfiles._exchange = lambda a, b: False
         i = 1
         while True:
             target = dest / f"n{i}" if mode == "new" else dest
@@ -244,10 +246,10 @@ def test_exchange_swaps_two_folders_or_reports_it_cannot(tmp_path):
     b.mkdir()
     (a / "f").write_text("a")
     (b / "f").write_text("b")
-    swapped = lkio._exchange(a, b)
+    swapped = lkfiles._exchange(a, b)
     assert ((a / "f").read_text(), (b / "f").read_text()) == (("b", "a") if swapped else ("a", "b"))
     if sys.platform.startswith("linux"):
-        assert lkio._renameat2() is not None
+        assert lkfiles._renameat2() is not None
 
 
 def test_save_keeps_symlinks_modes_and_a_symlinked_destination(tmp_path):

@@ -442,8 +442,8 @@ def test_a_large_adapter_loaded_used_and_deleted_gives_its_memory_back(tmp_path)
         time.sleep(0.3)
         after = _rss_mb(proc.pid)
         assert loaded - before > 2 * big_mb  # it did take memory (its file, two slots at rank 1024)
-        # back to the earlier footprint, within the allocator's noise (~10 MB here) and well under
-        # the slots' size (before: slots sized for rank 1024 for good, +2 x big_mb)
-        assert after - before < 0.5 * big_mb, (before, loaded, after, big_mb)
+        # back to the earlier footprint (measured: within 0.5 MB; before: slots sized for rank 1024
+        # for good, +2 x big_mb, and glibc keeping freed large blocks)
+        assert after - before < 0.1 * big_mb, (before, loaded, after, big_mb)
     finally:
         stop(proc)

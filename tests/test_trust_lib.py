@@ -22,6 +22,7 @@ from tiny import tiny_bert, tiny_llama
 
 import lorakit as lk
 from lorakit import config as lkconfig
+from lorakit import patterns
 from lorakit.io import CONFIG_NAME, WEIGHTS_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +79,7 @@ def test_hostile_pattern_fails_fast_and_lets_other_threads_run(field):
         stop.set()
         th.join()
     assert took < 1.0, took
-    assert took > 0.5 * lkconfig.MATCH_BUDGET_S  # it really was the budget that stopped it
+    assert took > 0.5 * patterns.MATCH_BUDGET_S  # it really was the budget that stopped it
     assert len(ticks) > 20, len(ticks)  # another thread kept running during the match
     assert lk.list_adapters(model) == [] and _same(before, _state(model))
 
@@ -101,7 +102,7 @@ def test_hostile_config_in_an_adapter_folder_fails_fast(tmp_path):
 
 def _calibrated_path(target_s: float) -> str:
     """A subject on which HOSTILE takes about `target_s` to fail (grown until it does)."""
-    compiled = lkconfig._compiled(HOSTILE)
+    compiled = patterns._compiled(HOSTILE)
     for n in range(8, 40):
         s = "a" * n
         t0 = time.perf_counter()
@@ -117,19 +118,19 @@ def _calibrated_path(target_s: float) -> str:
 def test_one_budget_is_shared_by_every_match_of_an_operation():
     subject = _calibrated_path(0.03)  # each match alone: ~0.03-0.1 s, far inside any budget
     t0 = time.perf_counter()
-    assert lkconfig.match_pattern("targets", HOSTILE, HOSTILE, subject) is None  # alone: fine
+    assert patterns.match_pattern("targets", HOSTILE, HOSTILE, subject) is None  # alone: fine
     one = time.perf_counter() - t0
     budget = max(0.2, 3 * one)
     t0 = time.perf_counter()
     with pytest.raises(lk.LoraError, match=r"targets: pattern .* took over"):
-        with lkconfig.match_budget(budget):
-            with lkconfig.match_budget(100.0):  # nested: joins the outer budget, no fresh one
+        with patterns.match_budget(budget):
+            with patterns.match_budget(100.0):  # nested: joins the outer budget, no fresh one
                 for _ in range(40):
-                    lkconfig.match_pattern("targets", HOSTILE, HOSTILE, subject)
+                    patterns.match_pattern("targets", HOSTILE, HOSTILE, subject)
     took = time.perf_counter() - t0
     assert took < budget + one + 0.1, (took, budget, one)
     # the budget is released with its operation: the next one starts afresh
-    assert lkconfig.match_pattern("targets", HOSTILE, HOSTILE, subject) is None
+    assert patterns.match_pattern("targets", HOSTILE, HOSTILE, subject) is None
 
 
 PEFT_PATTERNS = [
@@ -208,7 +209,7 @@ def test_layers_pattern_paren_in_a_peft_file_is_a_lora_error(tmp_path):
 def test_match_outside_any_budget_gets_the_default_budget_alone():
     t0 = time.perf_counter()
     with pytest.raises(lk.LoraError, match="took over 0.8 s"):
-        lkconfig.match_pattern("targets", HOSTILE, HOSTILE, "model.layers.12.self_attn.q_proj", full=True)
+        patterns.match_pattern("targets", HOSTILE, HOSTILE, "model.layers.12.self_attn.q_proj", full=True)
     assert 0.5 < time.perf_counter() - t0 < 1.0
 
 

@@ -2,15 +2,14 @@
 
 from .arithmetic import CombineReport, combine_adapters
 from .adapters import active_adapters, delete_adapter, disable_adapters, get_config, list_adapters, set_adapter
-from .bank import AdapterBank
-from .batch import per_row
+from .bank import AdapterBank, per_row
 from .config import LoraConfig
 from .errors import AdapterChangedError, AdapterFileError, LoraError, TargetError
-from .inject import ParamSummary, adapter_parameters, find_targets, inject, param_summary, unload
+from .inject import ParamSummary, adapter_parameters, find_targets, inject, param_summary
 from .io import AdapterFiles, adapter_state_dict, load_adapter, read_adapter, read_adapter_files, save_adapter
 from .kinds import Kind, register
 from .layer import LoraLayer, ModulesToSave
-from .merge import MergeReport, merge, merged, merged_state_dict, unmerge
+from .merge import MergeReport, merge, merged, merged_state_dict, unload, unmerge
 from .optim import lora_plus_groups, lora_plus_optimizer
 from .quant import load_quantized  # also registers the quantized layer kinds (imports neither library)
 

@@ -3,21 +3,12 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 from torch import nn
 
 from .errors import LoraError
-from .layer import lora_layers, require_state, saved_modules, state_of
-
-
-def _check_unmerged(model: nn.Module, doing: str) -> None:
-    state = state_of(model)
-    if state is None or not state.n_merged:
-        return
-    merged = sorted({n for _, layer in lora_layers(model) for n in layer.merged})
-    if merged:
-        raise LoraError(f"cannot {doing} while adapters {merged} are merged: unmerge(model) first")
+from .layer import lora_layers, replace_module, require_adapter, require_state, require_unmerged, saved_modules, state_of
 
 
 def set_adapter(model: nn.Module, name: str | Sequence[str] | None) -> None:
@@ -29,10 +20,9 @@ def set_adapter(model: nn.Module, name: str | Sequence[str] | None) -> None:
     state = require_state(model)
     names = () if name is None else (name,) if isinstance(name, str) else tuple(name)
     for n in names:
-        if n not in state.configs:
-            raise LoraError(f"no adapter named {n!r}; adapters: {list(state.configs)}")
+        require_adapter(state, n)
     if names != state.active and state.n_merged:
-        _check_unmerged(model, "switch adapters")
+        require_unmerged(model, "switch adapters")
     state.active = names
 
 
@@ -46,21 +36,17 @@ def list_adapters(model: nn.Module) -> list[str]:
     return list(state.configs) if state else []
 
 
-def get_config(model: nn.Module, name: str):
+def get_config(model: nn.Module, name: str) -> Any:
     state = require_state(model)
-    if name not in state.configs:
-        raise LoraError(f"no adapter named {name!r}; adapters: {list(state.configs)}")
+    require_adapter(state, name)
     return state.configs[name]
 
 
 def delete_adapter(model: nn.Module, name: str, *, unwrap: bool = True) -> None:
     """Remove adapter `name` everywhere. Layers left with no adapter are unwrapped again
     (unwrap=False keeps the wrappers, e.g. when another adapter is about to take the place)."""
-    from .inject import _replace
-
     state = require_state(model)
-    if name not in state.configs:
-        raise LoraError(f"no adapter named {name!r}; adapters: {list(state.configs)}")
+    require_adapter(state, name)
     layers = lora_layers(model)
     for path, layer in layers:
         if name in layer.merged:
@@ -68,12 +54,12 @@ def delete_adapter(model: nn.Module, name: str, *, unwrap: bool = True) -> None:
     for path, layer in layers:
         layer.remove(name)
         if unwrap and not layer.lora_A:
-            _replace(model, path, layer.base_layer)
+            replace_module(model, path, layer.base_layer)
     for path, mod in saved_modules(model):
         if name in mod.modules_to_save:
             del mod.modules_to_save[name]
         if unwrap and not len(mod.modules_to_save):
-            _replace(model, path, mod.original_module)
+            replace_module(model, path, mod.original_module)
     del state.configs[name]
     state.active = tuple(n for n in state.active if n != name)
 
@@ -82,7 +68,7 @@ def delete_adapter(model: nn.Module, name: str, *, unwrap: bool = True) -> None:
 def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the plain base model inside the block (adapters stay loaded)."""
     state = require_state(model)
-    _check_unmerged(model, "disable adapters")
+    require_unmerged(model, "disable adapters")
     before = state.disabled
     state.disabled = True
     try:

@@ -29,8 +29,9 @@ from torch import Tensor, nn
 from .config import LoraConfig
 from .errors import LoraError
 from .inject import check_adapter_name
-from .layer import LoraLayer, lora_layers, require_state
-from .merge import layer_delta
+from .layer import LoraLayer, lora_layers, require_adapter, require_state
+from .progress import progress_bar
+from .variants import LORA, variant_for
 
 METHODS = ("linear", "svd", "ties", "dare")
 
@@ -70,10 +71,9 @@ def _check(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], 
         raise LoraError(f"combine_adapters: adapter {new!r} already exists; pick another name")
     configs = {}
     for a in adapters:
-        if a not in state.configs:
-            raise LoraError(f"combine_adapters: no adapter named {a!r}; adapters: {list(state.configs)}")
+        require_adapter(state, a)
         cfg = state.configs[a]
-        for name, bad in (("use_dora", cfg.use_dora), ("modules_to_save", cfg.modules_to_save),
+        for name, bad in (("use_dora", variant_for(cfg) is not LORA), ("modules_to_save", cfg.modules_to_save),
                           ("bias", cfg.bias != "none"),
                           ("init", isinstance(cfg.init, str) and cfg.init not in ("default", "gaussian"))):
             if bad:
@@ -127,15 +127,6 @@ def _svd(target: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
     return A, B, err
 
 
-def _progress(items: list, desc: str, show: bool | None) -> list:
-    """tqdm when installed (an optional dependency); None: only on a terminal."""
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:
-        return items
-    return tqdm(items, desc=desc, disable=None if show is None else not show, leave=False)
-
-
 # ---- the public function ----------------------------------------------------------------------
 @torch.no_grad()
 def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], new: str, *,
@@ -158,14 +149,14 @@ def combine_adapters(model: nn.Module, adapters: Sequence[str], weights: Sequenc
     built: dict[str, tuple[Tensor, Tensor]] = {}
     errors: dict[str, float] = {}
     num = den = 0.0
-    for path, layer in _progress(layers, f"combine ({method})", progress):
+    for path, layer in progress_bar(layers, f"combine ({method})", progress):
         present = [(a, w) for a, w in zip(adapters, weights) if a in layer.lora_A]
         if method == "linear":
             A = torch.cat([layer.lora_A[a].float() for a, _ in present])
             B = torch.cat([layer.lora_B[a].float() * (w * layer.scaling[a]) for a, w in present], dim=1)
             built[path] = (A, B)
             continue
-        deltas = [layer_delta(layer, a) for a, _ in present]
+        deltas = [layer.delta(a) for a, _ in present]
         ws = [w for _, w in present]
         if method == "svd":
             target = sum(w * d for d, w in zip(deltas, ws))

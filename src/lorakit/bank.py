@@ -12,7 +12,9 @@ was checked), tensors held in CPU memory, or (for `per_row`) the model's own ada
 does not need. Slots are sized for the largest rank resident in each layer: evicting a large adapter
 shrinks them again, so memory and step time return to what they were.
 
-Not thread-safe: call it from the thread that runs the model (the server has one worker thread).
+`per_row(model, names)` runs the model's own adapters per row through a bank of them kept beside
+the model. Not thread-safe: call it from the thread that runs the model (the server has one worker
+thread).
 """
 
 from __future__ import annotations
@@ -22,16 +24,20 @@ import os
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import core
-from .config import LoraConfig, match_budget
+from .batch import RowGroups, rows
+from .config import LoraConfig
 from .errors import AdapterChangedError, LoraError
-from .layer import LoraLayer, ModulesToSave, adapter_dtype, copy_with, lora_layers, state_of
+from .io import WEIGHTS_NAME, AdapterFiles, plan_adapter, read_adapter_files
+from .layer import (LoraLayer, ModulesToSave, adapter_dtype, copy_with, lora_layers, require_adapter, require_state,
+                    require_unmerged, save_module, state_of, wrap)
+from .patterns import match_budget
+from .variants import variant_for
 
 
 @dataclass
@@ -97,9 +103,7 @@ class _FileSource:
     must hash to the registered digest, else the load is refused (AdapterChangedError). What the
     bank serves is therefore always exactly what was checked."""
 
-    def __init__(self, model: nn.Module, source, keep_in_memory: bool, root: str | os.PathLike | None = None):
-        from .io import AdapterFiles, read_adapter_files
-
+    def __init__(self, model: nn.Module, source: Any, keep_in_memory: bool, root: str | os.PathLike | None = None):
         self.root = root
         if isinstance(source, tuple):
             self.path, self.digest, (config, tensors) = None, None, source
@@ -113,14 +117,13 @@ class _FileSource:
         self.memory = (config, tensors) if keep else None
         self.plan = plan if keep else None  # else read again from disk when brought in
 
-    def _check(self, model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor]):
-        from .io import WEIGHTS_NAME, _plan
-
+    def _check(self, model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor]) -> Any:
         where = str(self.path / WEIGHTS_NAME) if self.path else "adapter tensors"
-        if getattr(config, "use_dora", False):
-            raise LoraError(f"{where}: DoRA adapters cannot share a base in a mixed batch (the magnitude "
-                            "rescales the base output per adapter); merge it or serve it alone")
-        plan = _plan(model, config, tensors, where)
+        variant = variant_for(config)
+        if not variant.batchable:
+            raise LoraError(f"{where}: {variant.name} adapters cannot share stacked slots in a mixed batch; "
+                            "merge it or serve it alone")
+        plan = plan_adapter(model, config, tensors, where)
         if plan.biases:
             raise LoraError(f"{where}: the adapter trains biases {sorted(plan.biases)[:3]}, which change the "
                             "shared base; it cannot be served in a mixed batch")
@@ -128,18 +131,14 @@ class _FileSource:
             raise LoraError(f"{where}: the adapter rewrites base weights (PiSSA/OLoRA residual); it cannot share a base")
         return plan
 
-    def wrap(self, model: nn.Module, plan) -> None:
-        from .inject import _save_module, _wrap
-
+    def wrap(self, model: nn.Module, plan: Any) -> None:
         state = state_of(model, create=True)
         for path in plan.lora:
-            _wrap(model, path, state)
+            wrap(model, path, state)
         for path in plan.saved:
-            _save_module(model, path, state)
+            save_module(model, path, state)
 
     def fetch(self, model: nn.Module) -> _Weights:
-        from .io import read_adapter_files
-
         if self.memory is not None:
             config, tensors = self.memory
             plan = self.plan
@@ -197,7 +196,7 @@ class AdapterBank:
         if source is None:
             st = state_of(self.model)
             if st is None or name not in st.configs:
-                raise LoraError(f"the model has no adapter named {name!r}")
+                raise LoraError(f"the model has no adapter {name!r}")
             src: _ModelSource | _FileSource = _ModelSource(name)
         else:
             src = _FileSource(self.model, source, keep_in_memory, root)
@@ -208,7 +207,7 @@ class AdapterBank:
     def remove(self, name: str) -> None:
         """Forget adapter `name` (evicting it if resident)."""
         if name not in self._sources:
-            raise LoraError(f"no adapter named {name!r} in the bank; adapters: {list(self._sources)}")
+            raise LoraError(f"the bank has no adapter {name!r}; adapters: {list(self._sources)}")
         if name in self._resident:
             self.evict(name)
         del self._sources[name]
@@ -263,7 +262,7 @@ class AdapterBank:
         wanted = list(dict.fromkeys(names))
         for n in wanted:
             if n not in self._sources:
-                raise LoraError(f"no adapter named {n!r} in the bank; adapters: {list(self._sources)}")
+                raise LoraError(f"the bank has no adapter {n!r}; adapters: {list(self._sources)}")
         if self.capacity is not None and len(wanted) > self.capacity:
             raise LoraError(f"the batch uses {len(wanted)} adapters but the bank holds at most {self.capacity}")
         keep = set(wanted)
@@ -333,7 +332,7 @@ class AdapterBank:
             return st
         w = layer.weight_tensor()
         dt, dev = adapter_dtype(w), w.device
-        emb = layer.kind.name == "embedding"
+        emb = layer.kind.meets == "lookup"
         S, n_in, n_out = self._n_slots, layer.in_features, layer.out_features
         A = torch.zeros((S, n_in, r) if emb else (S, r, n_in), dtype=dt, device=dev)
         Bt = torch.zeros(S, r, n_out, dtype=dt, device=dev)
@@ -384,20 +383,56 @@ class AdapterBank:
     def rows(self, names: Sequence[str | None]) -> Iterator[None]:
         """Inside the block, row i of every batch uses the bank's adapter names[i] (None: base).
         Heads of different label counts are padded to the widest with -inf (as in `per_row`)."""
-        from .adapters import _check_unmerged
-        from .batch import RowGroups, _rows
-
         names = list(names)
-        _check_unmerged(self.model, "run a mixed batch")
+        require_unmerged(self.model, "run a mixed batch")
         state = state_of(self.model, create=True)
-        groups = RowGroups(names, bank=self, keys=names, trainable=False, model_mode=False)
+        groups = RowGroups(names, slots=self, keys=names, trainable=False, model_mode=False)
         groups.bank_plan()  # bring adapters in now, not inside the forward
-        with _rows(state, names, groups):
+        with rows(state, groups):
             yield
 
     def stats(self) -> dict[str, int]:
         return {"registered": len(self._sources), "resident": len(self._resident), "loads": self.loads,
                 "evictions": self.evictions, "hits": self.hits}
+
+
+def _model_bank(model: nn.Module) -> AdapterBank:
+    """The bank of the model's own adapters that per_row reads at inference (kept beside it)."""
+    bank = model.__dict__.get("_lorakit_bank")
+    if bank is None:
+        bank = model.__dict__["_lorakit_bank"] = AdapterBank(model, capacity=None)
+    return bank
+
+
+@contextmanager
+def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
+    """Inside the block, row i of every batch uses adapter `names[i]` (None = base model).
+
+    The base matmul runs once for the whole batch; the adapters' low-rank terms run as two batched
+    matmuls per layer. Every row equals the output of a run with that row's adapter alone. Works
+    under autograd (gradients reach each row's adapter); at inference the adapters are read from a
+    stacked copy kept beside the model and refreshed whenever their tensors change.
+
+    Adapters whose classification heads (modules_to_save) have different label counts mix too:
+    the logits are padded to the widest head used with -inf, so row i's first n_labels logits are
+    its adapter's own and softmax gives the padding probability 0 (see `batch.saved_forward`).
+    """
+    state = require_state(model)
+    names = list(names)
+    for n in names:
+        if n is not None:
+            require_adapter(state, n)
+    require_unmerged(model, "use per_row")
+    bank = _model_bank(model)
+    bank.sync_model(names)
+    used = set(n for n in names if n is not None)
+
+    def trainable() -> bool:  # asked only by a forward with grad enabled
+        return any(p.requires_grad for _, layer in lora_layers(model) for n in used if n in layer.lora_A
+                   for p in (layer.lora_A[n], layer.lora_B[n]))
+    groups = RowGroups(names, slots=bank, keys=names, trainable=trainable, model_mode=True)
+    with rows(state, groups):
+        yield
 
 
 def _trim_heap() -> None:
@@ -409,4 +444,4 @@ def _trim_heap() -> None:
         pass
 
 
-__all__ = ["AdapterBank"]
+__all__ = ["AdapterBank", "per_row"]

@@ -3,9 +3,12 @@
 The base layers run once for the whole batch; the low-rank part of every wrapped layer is two
 batched matmuls over the batch's row groups (`ops.lora_rows` / `ops.embedding_rows`), never a Python
 loop over rows or adapters. A batch whose rows all use one adapter runs like that adapter alone
-(merged on the fly where that is cheaper). Adapter weights come from stacked slots: at inference from an `AdapterBank` kept
-beside the model (refreshed when an adapter's tensors change), under autograd from the adapters'
-own parameters, stacked on the fly so gradients reach them (a training batch may mix adapters).
+(merged on the fly where that is cheaper). Adapter weights come from stacked slots: at inference
+from a slot store (an `AdapterBank`, lorakit.bank), under autograd from the adapters' own
+parameters, stacked on the fly so gradients reach them (a training batch may mix adapters).
+
+A `RowGroups` set on the model's state (`rows(state, groups)`) is what the wrapped layers ask
+(layer.Rows): this module is above the layers and imports them, never the other way round.
 """
 
 from __future__ import annotations
@@ -17,21 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import kinds, ops
-from .adapters import _check_unmerged
+from . import ops
 from .errors import LoraError
-from .layer import LoraLayer, LoraState, ModulesToSave, require_state, state_of
+from .layer import LoraLayer, LoraState, ModulesToSave
 
-FAST_KINDS = {kinds._linear_project: "linear", kinds._embedding_project: "embedding"}
+FAST = {"matmul": "linear", "lookup": "embedding"}  # how the input meets A -> the batched op
 
 
 class RowGroups(dict):
     """adapter -> row indices (what the reference loop reads), plus what the fast path needs.
 
-    `slot_of(layer)` gives the per-layer stacks; the plan (runs, sorted order) is built once.
+    `slots` (the slot store: `ensure(names)`, `stacks(layer, plan)`, `saved_module(mod, name)`)
+    gives the per-layer stacks; the plan (runs, sorted order) is built once per batch.
     """
 
-    def __init__(self, names: Sequence[str | None], *, bank: Any, keys: Sequence[str | None],
+    def __init__(self, names: Sequence[str | None], *, slots: Any, keys: Sequence[str | None],
                  trainable: bool | Callable[[], bool], model_mode: bool):
         groups: dict[str, list[int]] = {}
         for i, n in enumerate(names):
@@ -39,8 +42,8 @@ class RowGroups(dict):
                 groups.setdefault(n, []).append(i)
         super().__init__({n: torch.tensor(idx, dtype=torch.long) for n, idx in groups.items()})
         self.names = list(names)
-        self.keys = list(keys)  # the bank's key for each row (None: base)
-        self.bank = bank
+        self.keys = list(keys)  # the slot store's key for each row (None: base)
+        self.slots = slots
         self._trainable = trainable  # some used adapter has parameters that require grad (lazy)
         self.model_mode = model_mode  # adapters live in the model's ParameterDicts (per_row)
         self.used = list(groups)  # distinct adapters, first-seen order
@@ -56,19 +59,29 @@ class RowGroups(dict):
 
     def bank_plan(self) -> ops.RowPlan:
         if self._bank_plan is None:
-            slots = self.bank.ensure([k for k in self.keys if k is not None])
+            slots = self.slots.ensure([k for k in self.keys if k is not None])
             self._bank_plan = ops.plan_rows([slots[k] if k is not None else -1 for k in self.keys])
         return self._bank_plan
 
     def saved_module(self, mod: ModulesToSave, name: str) -> nn.Module | None:
         if self.model_mode:
             return mod.modules_to_save[name] if name in mod.modules_to_save else None
-        return self.bank.saved_module(mod, name)
+        return self.slots.saved_module(mod, name)
+
+    # ---- what the wrapped layers ask (layer.Rows) ------------------------------------------------
+    def layer_forward(self, layer: LoraLayer, x: Tensor, y: Tensor) -> Tensor:
+        return layer_forward(layer, x, y, self)
+
+    def single_weights(self, layer: LoraLayer, x: Tensor) -> tuple[Tensor, Tensor, float] | None:
+        return single_weights(layer, x, self)
+
+    def saved_forward(self, mod: ModulesToSave, x: Tensor, args: tuple, kwargs: dict) -> Tensor:
+        return saved_forward(mod, x, args, kwargs, self)
 
 
 def _fast_kind(layer: LoraLayer) -> str | None:
-    kind = FAST_KINDS.get(layer.kind.project)
-    if kind == "embedding" and layer.base_layer.max_norm is not None:
+    kind = FAST.get(layer.kind.meets)
+    if kind == "embedding" and getattr(layer.base_layer, "max_norm", None) is not None:
         return None  # max_norm renormalises the looked-up table in place
     return kind
 
@@ -93,17 +106,15 @@ def _stack_params(layer: LoraLayer, used: list[str], kind: str) -> tuple[Tensor,
     return torch.stack(As), torch.stack(Bs)
 
 
-def layer_forward(layer: LoraLayer, x: Tensor, y: Tensor, st: LoraState) -> Tensor:
-    """The per_row branch of LoraLayer.forward: y (base output) + each row's adapter term."""
-    g = st.row_groups
-    if x.shape[0] != len(st.rows):
-        raise LoraError(f"per_row was given {len(st.rows)} adapter names but the batch has {x.shape[0]} rows")
+def layer_forward(layer: LoraLayer, x: Tensor, y: Tensor, g: RowGroups) -> Tensor:
+    """The mixed-batch branch of LoraLayer.forward: y (base output) + each row's adapter term."""
+    if x.shape[0] != len(g.names):
+        raise LoraError(f"per_row was given {len(g.names)} adapter names but the batch has {x.shape[0]} rows")
     kind = _fast_kind(layer)
-    mags = layer._modules["lora_magnitude_vector"]._parameters  # DoRA adapters: reference loop
-    if not isinstance(g, RowGroups) or kind is None or (g.model_mode and mags and not mags.keys().isdisjoint(g.used)):
-        if isinstance(g, RowGroups) and not g.model_mode:
+    if kind is None or (g.model_mode and layer.unbatchable and not layer.unbatchable.isdisjoint(g.used)):
+        if not g.model_mode:
             raise LoraError(f"the adapter bank cannot run a {layer.kind.name} layer")
-        return reference_layer(layer, x, y, g)
+        return reference_layer(layer, x, y, g)  # (DoRA adapters, kinds without a batched op: a loop)
     if g.model_mode and torch.is_grad_enabled() and g.trainable:
         if not any(n in layer.lora_A for n in g.used):
             return y
@@ -115,29 +126,28 @@ def layer_forward(layer: LoraLayer, x: Tensor, y: Tensor, st: LoraState) -> Tens
                 x = ops.dropout_rows(x, p)
     else:
         plan = g.bank_plan()
-        stacks = g.bank.stacks(layer, plan)
+        stacks = g.slots.stacks(layer, plan)
         if stacks is None:
             return y
         A, B = stacks
-    inplace = not torch.is_grad_enabled() and layer._owns_output()  # y: this layer's fresh base output
+    inplace = not torch.is_grad_enabled() and layer.owns_output()  # y: this layer's fresh base output
     if kind == "embedding":
         return ops.embedding_rows(x, A, B, plan, y=y, padding_idx=layer.base_layer.padding_idx, inplace=inplace)
     return ops.lora_rows(x, A, B, plan, y=y, inplace=inplace)
 
 
-def single_weights(layer: LoraLayer, x: Tensor, st: LoraState) -> tuple[Tensor, Tensor, float] | None:
+def single_weights(layer: LoraLayer, x: Tensor, g: RowGroups) -> tuple[Tensor, Tensor, float] | None:
     """(A, B, scaling) when every row of this no-grad mixed batch uses one adapter that this
     (linear) layer carries: the layer may then merge it on the fly like a single active adapter."""
-    g = st.row_groups
-    if not isinstance(g, RowGroups) or len(g.used) != 1 or None in g.names or x.shape[0] != len(g.names):
+    if len(g.used) != 1 or None in g.names or x.shape[0] != len(g.names):
         return None
     name = g.used[0]
     if g.model_mode:
-        if name not in layer.lora_A or name in layer.lora_magnitude_vector:
+        if name not in layer.lora_A or not layer.variants[name].fusable:
             return None
         return layer.lora_A[name], layer.lora_B[name], layer.scaling[name]
     plan = g.bank_plan()
-    stacks = g.bank.stacks(layer, plan)
+    stacks = g.slots.stacks(layer, plan)
     if stacks is None or _fast_kind(layer) != "linear":
         return None
     A, Bt = stacks
@@ -160,7 +170,7 @@ def reference_layer(layer: LoraLayer, x: Tensor, y: Tensor, groups: dict[str, Te
     return y
 
 
-def saved_forward(mod: ModulesToSave, x: Tensor, args: tuple, kwargs: dict, st: LoraState) -> Tensor:
+def saved_forward(mod: ModulesToSave, x: Tensor, args: tuple, kwargs: dict, g: RowGroups) -> Tensor:
     """The per_row branch of ModulesToSave.forward: each adapter's copy runs on its rows only;
     rows of adapters without a copy (and base rows) get the original module.
 
@@ -171,11 +181,7 @@ def saved_forward(mod: ModulesToSave, x: Tensor, args: tuple, kwargs: dict, st: 
         W = max(width of each row's output)
         y[i] = F.pad(module_for(names[i])(x[i:i+1]), (0, W - its width), value=-inf)[0]
     """
-    g = st.row_groups
-    get: Callable[[str], nn.Module | None] = (
-        (lambda n: g.saved_module(mod, n)) if isinstance(g, RowGroups)
-        else (lambda n: mod.modules_to_save[n] if n in mod.modules_to_save else None))
-    modules = {n: get(n) for n in g}
+    modules = {n: g.saved_module(mod, n) for n in g}
     modules = {n: m for n, m in modules.items() if m is not None}
     if len(modules) == 1 and len(g) == 1 and len(next(iter(g.values()))) == x.shape[0]:
         return next(iter(modules.values()))(x, *args, **kwargs)  # every row: one adapter
@@ -200,60 +206,15 @@ def _pad_last(t: Tensor, width: int) -> Tensor:
     return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]), value=float("-inf"))
 
 
-def _model_bank(model: nn.Module):
-    from .bank import AdapterBank
-
-    bank = model.__dict__.get("_lorakit_bank")
-    if bank is None:
-        bank = model.__dict__["_lorakit_bank"] = AdapterBank(model, capacity=None)
-    return bank
-
-
 @contextmanager
-def per_row(model: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
-    """Inside the block, row i of every batch uses adapter `names[i]` (None = base model).
-
-    The base matmul runs once for the whole batch; the adapters' low-rank terms run as two batched
-    matmuls per layer. Every row equals the output of a run with that row's adapter alone. Works
-    under autograd (gradients reach each row's adapter); at inference the adapters are read from a
-    stacked copy kept beside the model and refreshed whenever their tensors change.
-
-    Adapters whose classification heads (modules_to_save) have different label counts mix too:
-    the logits are padded to the widest head used with -inf, so row i's first n_labels logits are
-    its adapter's own and softmax gives the padding probability 0 (see `saved_forward`).
-    """
-    state = require_state(model)
-    names = list(names)
-    for n in names:
-        if n is not None and n not in state.configs:
-            raise LoraError(f"per_row: no adapter named {n!r}; adapters: {list(state.configs)}")
-    _check_unmerged(model, "use per_row")
-    bank = _model_bank(model)
-    bank.sync_model(names)
-    used = set(n for n in names if n is not None)
-
-    def trainable() -> bool:  # asked only by a forward with grad enabled
-        return any(p.requires_grad for _, layer in _layers(model) for n in used if n in layer.lora_A
-                   for p in (layer.lora_A[n], layer.lora_B[n]))
-    groups = RowGroups(names, bank=bank, keys=names, trainable=trainable, model_mode=True)
-    with _rows(state, names, groups):
-        yield
-
-
-def _layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
-    from .layer import lora_layers
-
-    return lora_layers(model)
-
-
-@contextmanager
-def _rows(state: LoraState, names: list, groups: RowGroups) -> Iterator[None]:
-    prev = (state.rows, state.row_groups)
-    state.rows, state.row_groups = names, groups
+def rows(state: LoraState, groups: RowGroups) -> Iterator[None]:
+    """Inside the block, the model's wrapped layers run `groups`' mixed batch."""
+    prev = state.rows
+    state.rows = groups
     try:
         yield
     finally:
-        state.rows, state.row_groups = prev
+        state.rows = prev
 
 
-__all__ = ["per_row", "RowGroups", "layer_forward", "reference_layer", "saved_forward", "state_of"]
+__all__ = ["RowGroups", "layer_forward", "reference_layer", "rows", "saved_forward", "single_weights"]

@@ -18,24 +18,16 @@ so its residual is only reproduced approximately on reload (prefer "pissa" for f
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING
 
 import torch
 
 from . import core
+from .config import svd_iterations
 from .errors import LoraError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .layer import LoraLayer
-
-_NITER = re.compile(r"^pissa_niter_(\d+)$")
-
-
-def changes_base(method: object) -> bool:
-    """Whether `init` is one of the methods that move part of W into the adapter."""
-    return isinstance(method, str) and (method in ("pissa", "olora") or _NITER.match(method) is not None)
-
 
 @torch.no_grad()
 def init_from_base(layer: "LoraLayer", name: str, method: str, path: str = "") -> None:
@@ -55,12 +47,12 @@ def init_from_base(layer: "LoraLayer", name: str, method: str, path: str = "") -
         Q, R = torch.linalg.qr(Wf)
         B, A = Q[:, :r], R[:r]
     else:
-        m = _NITER.match(method)
-        if m is None:
+        niter = svd_iterations(method)
+        if niter is None:
             U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
             U, S, Vh = U[:, :r], S[:r], Vh[:r]
         else:
-            U, S, V = torch.svd_lowrank(Wf, r, niter=int(m.group(1)))
+            U, S, V = torch.svd_lowrank(Wf, r, niter=niter)
             Vh = V.t()
         S = S / s
         A = torch.diag(torch.sqrt(S)) @ Vh

@@ -1,4 +1,4 @@
-"""Find target modules, wrap them with LoRA, freeze the base; and take the wrappers out again."""
+"""Find target modules, wrap them with LoRA, freeze the base; which parameters train."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from torch import nn
 
 from . import kinds
-from .config import ALL_LINEAR, LoraConfig, match_budget, matches
+from .config import ALL_LINEAR, LoraConfig, matches
 from .errors import LoraError, TargetError
-from .layer import LoraLayer, LoraState, ModulesToSave, lora_layers, require_state, saved_modules, state_of, walk
+from .layer import (LoraLayer, ModulesToSave, lora_layers, require_adapter, require_state, save_module, saved_modules,
+                    state_of, walk, wrap)
+from .patterns import match_budget
+from .variants import variant_for
 
 # transformers model_type -> default targets when LoraConfig.targets is None (as PEFT's table).
 DEFAULT_TARGETS: dict[str, list[str]] = {
@@ -118,31 +121,6 @@ def _no_match_error(model: nn.Module, config: LoraConfig) -> TargetError:
     )
 
 
-def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-
-
-def _wrap(model: nn.Module, path: str, state: LoraState) -> LoraLayer:
-    module = model.get_submodule(path)
-    if isinstance(module, LoraLayer):
-        return module
-    kind = kinds.kind_of(module)
-    if kind is None:
-        raise TargetError(f"module {path!r} of type {type(module).__name__} cannot be wrapped")
-    layer = LoraLayer(module, kind, state).train(module.training)  # keep the model's train/eval mode
-    _replace(model, path, layer)
-    return layer
-
-
-def _save_module(model: nn.Module, path: str, state: LoraState) -> ModulesToSave:
-    module = model.get_submodule(path)
-    if not isinstance(module, ModulesToSave):
-        module = ModulesToSave(module, state).train(module.training)
-        _replace(model, path, module)
-    return module
-
-
 # PEFT adds these to modules_to_save itself for these task types, so its configs list them whether
 # or not the model has them (a BERT classifier has no `score`): they may match nothing.
 PEFT_AUTO_SAVED: dict[str, tuple[str, ...]] = {
@@ -194,13 +172,13 @@ def inject(model: nn.Module, config: LoraConfig, adapter: str = "default") -> nn
         ranks = {path: (config.rank_for(path), config.alpha_for(path)) for path in paths}
     fan_in_fan_out = False
     for path in paths:
-        layer = _wrap(model, path, state)
+        layer = wrap(model, path, state)
         fan_in_fan_out |= layer.kind.fan_in_fan_out
         r, alpha = ranks[path]
-        layer.add(adapter, r, alpha, rslora=config.rslora,
-                  dropout=config.dropout, init=config.init, use_dora=config.use_dora, path=path)
+        layer.add(adapter, r, alpha, rslora=config.rslora, dropout=config.dropout, init=config.init,
+                  variant=variant_for(config), path=path)
     for path in save_paths:
-        _save_module(model, path, state).add(adapter)
+        save_module(model, path, state).add(adapter)
     if config.targets == ALL_LINEAR:  # record what was matched, so PEFT finds the same layers
         config = config.replace(targets=paths)
     state.configs[adapter] = config.replace(fan_in_fan_out=fan_in_fan_out)
@@ -223,16 +201,12 @@ def adapter_parameters(model: nn.Module, adapter: str | None = None) -> list[nn.
     state = require_state(model)
     names = list(state.configs) if adapter is None else [adapter]
     for n in names:
-        if n not in state.configs:
-            raise LoraError(f"no adapter named {n!r}; adapters: {list(state.configs)}")
+        require_adapter(state, n)
     params: dict[int, nn.Parameter] = {}
     for _, layer in lora_layers(model):
         for n in names:
             if n in layer.lora_A:
-                params[id(layer.lora_A[n])] = layer.lora_A[n]
-                params[id(layer.lora_B[n])] = layer.lora_B[n]
-                if n in layer.lora_magnitude_vector:
-                    params[id(layer.lora_magnitude_vector[n])] = layer.lora_magnitude_vector[n]
+                params.update({id(p): p for p in layer.parameters_of(n)})
                 if state.configs[n].bias == "lora_only" and getattr(layer.base_layer, "bias", None) is not None:
                     params[id(layer.base_layer.bias)] = layer.base_layer.bias
     for _, mod in saved_modules(model):
@@ -265,29 +239,3 @@ def param_summary(model: nn.Module) -> ParamSummary:
     total = sum(p.numel() for p in seen.values())
     trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
     return ParamSummary(trainable, total)
-
-
-def unload(model: nn.Module, merge: bool = False) -> nn.Module:
-    """Take every LoRA wrapper out, leaving the model with the state-dict keys it had before.
-
-    merge=False: the base model as it was (merged adapters are unmerged first).
-    merge=True: the active adapters merged into the weights, and their modules_to_save copies
-    in place of the originals: a plain model that behaves like the adapted one.
-    """
-    from .merge import merge as merge_fn, unmerge
-
-    state = state_of(model)
-    if state is None:
-        return model
-    if merge:
-        merge_fn(model)
-    else:
-        unmerge(model)
-    for path, layer in lora_layers(model):
-        _replace(model, path, layer.base_layer)
-    for path, mod in saved_modules(model):
-        _replace(model, path, mod.current() if merge else mod.original_module)
-    model.__dict__.pop("_lorakit_state", None)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model

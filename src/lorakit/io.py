@@ -10,19 +10,11 @@ old one and switches it in with one rename or one atomic exchange (crash-consist
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import functools
 import hashlib
 import json
 import os
-import platform
 import re
-import secrets
-import shutil
 import stat
-import sys
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,13 +25,16 @@ from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import dora, kinds
-from .config import LoraConfig, match_budget, matches
+from . import kinds
+from .adapters import delete_adapter
+from .config import LoraConfig, changes_base, matches
 from .errors import AdapterFileError, LoraError, TargetError
-from .init import changes_base
-from .inject import (_save_module, _wrap, check_adapter_name,
-                     modules_to_save_paths)
-from .layer import LoraLayer, ModulesToSave, lora_layers, require_state, saved_modules, state_of, walk
+from .files import recover, write_dir_atomic
+from .inject import check_adapter_name, modules_to_save_paths
+from .layer import (LoraLayer, ModulesToSave, lora_layers, require_adapter, require_state, save_module, saved_modules,
+                    state_of, walk, wrap)
+from .patterns import match_budget
+from .variants import extra_keys, variant_for
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -52,8 +47,7 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, Tensor]:
     """The adapter's tensors under PEFT's keys (what `adapter_model.safetensors` holds)."""
     state = require_state(model)
-    if adapter not in state.configs:
-        raise LoraError(f"no adapter named {adapter!r}; adapters: {list(state.configs)}")
+    require_adapter(state, adapter)
     config = state.configs[adapter]
     out: dict[str, Tensor] = {}
     for path, layer in lora_layers(model):
@@ -62,9 +56,8 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
         r, base, (ka, kb) = layer.rank(adapter), layer.base_layer, layer.kind.keys
         out[f"{PREFIX}{path}.{ka}"] = layer.lora_A[adapter].detach().reshape(layer.kind.a_shape(base, r))
         out[f"{PREFIX}{path}.{kb}"] = layer.lora_B[adapter].detach().reshape(layer.kind.b_shape(base, r))
-        if adapter in layer.lora_magnitude_vector:
-            mag = layer.lora_magnitude_vector[adapter].detach()
-            out[f"{PREFIX}{path}.{dora.KEY}"] = mag.reshape(dora.file_shape(layer.kind, base))
+        for suffix, t in layer.variants[adapter].file_tensors(layer, adapter).items():
+            out[f"{PREFIX}{path}.{suffix}"] = t
         if config.bias == "lora_only" and getattr(base, "bias", None) is not None:
             out[f"{PREFIX}{path}.base_layer.bias"] = base.bias.detach()
     for path, mod in saved_modules(model):
@@ -100,303 +93,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True, default=list)),
     })
     return dest
-
-
-# ---- crash-consistent writes --------------------------------------------------------------------
-# Temporary names carry the writer's pid, so the next writer removes what a killed one left and
-# never what a running one is still building: `.{name}.tmp-{pid}-{hex}` (a folder being built, or
-# after a swap the old folder being deleted), `.{name}.old-{pid}-{hex}` (the old folder during the
-# two-rename fallback), `.{stem}.tmp-{pid}-{hex}{suffix}` (write_file_atomic).
-_LEFTOVER = re.compile(r"^\..*\.(?P<kind>tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}(?:\.[^.]*)?$")
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_AT_FDCWD = -100
-_SYS_RENAMEAT2 = {"x86_64": 316, "amd64": 316, "aarch64": 276, "arm64": 276}
-
-
-def _short_name(name: str, limit: int = 200) -> str:
-    """`name`, or a cut of it with a hash when long: a sibling's name must fit NAME_MAX (255)."""
-    if len(name.encode()) <= limit:
-        return name
-    return name[: limit // 4] + "~" + hashlib.sha256(name.encode()).hexdigest()[:12]
-
-
-def _sibling(dest: Path, kind: str) -> Path:
-    return dest.parent / f".{_short_name(dest.name)}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie counts as running). Off POSIX: assume it does."""
-    if os.name != "posix":
-        return True  # os.kill(pid, 0) would terminate it on Windows
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: someone else's process
-        return True
-    return True
-
-
-def _leftovers(dest: Path) -> list[tuple[str, Path, bool]]:
-    """(kind, path, writer alive) of temporary/old siblings of `dest` left by savers."""
-    prefix = f".{_short_name(dest.name)}."
-    out = []
-    try:
-        entries = [e for e in os.scandir(dest.parent) if e.name.startswith(prefix)]
-    except OSError:
-        return []
-    for e in entries:
-        m = _LEFTOVER.match(e.name)
-        if m and e.name[len(prefix):].startswith(m["kind"] + "-") and e.is_dir(follow_symlinks=False):
-            out.append((m["kind"], Path(e.path), _pid_alive(int(m["pid"]))))
-    return out
-
-
-def _recover(dest: Path) -> None:
-    """If a killed two-rename swap left `dest` missing, put its old folder back."""
-    if os.path.lexists(dest):
-        return
-    olds = [p for kind, p, alive in _leftovers(dest) if kind == "old" and not alive]
-    for old in sorted(olds, key=lambda p: p.stat().st_mtime, reverse=True)[:1]:
-        try:
-            os.rename(old, dest)
-        except OSError:  # another process recovered it first
-            pass
-
-
-def _wait_for_live_swap(dest: Path, seconds: float = 1.0) -> None:
-    """A running saver on the two-rename fallback has `dest` away for an instant: wait for it."""
-    deadline = time.monotonic() + seconds
-    while (not os.path.lexists(dest) and time.monotonic() < deadline
-           and any(kind == "old" and alive for kind, _, alive in _leftovers(dest))):
-        time.sleep(0.01)
-
-
-def _clean_leftovers(dest: Path) -> None:
-    for _, path, alive in _leftovers(dest):
-        if not alive:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-@functools.lru_cache(maxsize=1)
-def _renameat2() -> Any:
-    """glibc's renameat2, or the raw syscall; None off Linux."""
-    if not sys.platform.startswith("linux"):
-        return None
-    libc = ctypes.CDLL(None, use_errno=True)
-    fn = getattr(libc, "renameat2", None)
-    if fn is not None:
-        fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        return fn
-    nr = _SYS_RENAMEAT2.get(platform.machine().lower())
-    if nr is None:
-        return None
-    syscall = libc.syscall
-    return lambda *args: syscall(ctypes.c_long(nr), *args)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap the paths `a` and `b` in one atomic step (renameat2 RENAME_EXCHANGE). False where the
-    system or file system cannot; other failures raise OSError."""
-    fn = _renameat2()
-    if fn is None:
-        return False
-    rc = fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), ctypes.c_uint(_RENAME_EXCHANGE))
-    if rc == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _swap_in(tmp: Path, dest: Path) -> Path:
-    """Put the folder `tmp` at `dest`, where a folder exists; returns where the old one now is.
-
-    RENAME_EXCHANGE: one atomic step. Elsewhere two renames (dest -> .old, tmp -> dest); a kill
-    between them leaves `dest` missing and the old folder whole beside it, and the next
-    read_adapter or save puts it back (`_recover`)."""
-    cwd = _cwd_inside(dest)
-    if _exchange(tmp, dest):
-        old = tmp
-    else:
-        old = _sibling(dest, "old")
-        os.rename(dest, old)
-        try:
-            os.rename(tmp, dest)
-        except BaseException:
-            os.rename(old, dest)
-            raise
-    if cwd is not None:  # the process worked inside the old folder: follow the new one
-        try:
-            os.chdir(dest / cwd)
-        except OSError:
-            pass
-    return old
-
-
-def _cwd_inside(dest: Path) -> Path | None:
-    try:
-        return Path(os.getcwd()).relative_to(dest)
-    except (OSError, ValueError):
-        return None
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - file systems that refuse fsync on folders
-        pass
-    finally:
-        os.close(fd)
-
-
-def _new_dir(dest: Path) -> Path:
-    """An empty folder beside `dest` with a temporary name (mode from the umask, like mkdir)."""
-    while True:
-        tmp = _sibling(dest, "tmp")
-        try:
-            os.mkdir(tmp)
-            return tmp
-        except FileExistsError:  # pragma: no cover - 32 random bits collided
-            continue
-
-
-def _link_tree(src: Path, dst: Path, skip: Any = None) -> None:
-    """Recreate `src`'s entries in the empty `dst` without copying data: hard links for files
-    (a copy where the file system refuses), symlinks as symlinks, folders recreated. Names for
-    which `skip(name)` is true (top level) and leftovers of killed writers are left out."""
-    for entry in os.scandir(src):
-        if skip is not None and skip(entry.name):
-            continue
-        m = _LEFTOVER.match(entry.name)
-        if m and not _pid_alive(int(m["pid"])):
-            continue
-        target = dst / entry.name
-        if entry.is_symlink():
-            os.symlink(os.readlink(entry.path), target)
-        elif entry.is_dir(follow_symlinks=False):
-            os.mkdir(target)
-            _link_tree(Path(entry.path), target)
-            os.chmod(target, stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode))
-            _fsync_dir(target)
-        else:
-            try:
-                os.link(entry.path, target, follow_symlinks=False)
-            except OSError:
-                if entry.is_file(follow_symlinks=False):
-                    shutil.copy2(entry.path, target)
-                    _write_synced(target, lambda p: None)
-                else:  # a fifo or socket on a file system without hard links: nothing to keep
-                    warnings.warn(f"{entry.path}: not carried into the saved folder (special file)", stacklevel=4)
-
-
-def write_dir_atomic(dest: Path, writers: dict[str, Any]) -> None:
-    """Write the files `writers` names ({file name: write(path)}) into folder `dest`, crash-consistently.
-
-    The complete new folder is built beside `dest`: the new files (fsynced), plus hard links to
-    every other file of an existing `dest` (subfolders recreated), then switched in by one rename
-    (a new folder) or one atomic exchange (an existing one; two renames where the system has no
-    RENAME_EXCHANGE, with recovery). A kill at any instant leaves the old set of files or the new
-    one, never a mix. Files others add to `dest` while the new folder is being built are lost.
-    Leftovers of killed writes are removed first.
-    """
-    dest = Path(os.path.realpath(dest))  # a symlinked folder: update its target, keep the link
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _recover(dest)
-    _clean_leftovers(dest)
-    exists = os.path.lexists(dest)
-    if exists and not dest.is_dir():
-        raise LoraError(f"{dest}: exists and is not a folder")
-    _build_and_swap(dest, exists, lambda tmp: [_write_synced(tmp / name, write) for name, write in writers.items()],
-                    keep_others=set(writers))
-
-
-def _build_and_swap(dest: Path, exists: bool, build: Any, keep_others: set[str] | None) -> None:
-    """`build(tmp)` in a new folder beside `dest`; with `keep_others`, link in the other entries of
-    the existing `dest`; then switch it in and drop the old folder."""
-    tmp = _new_dir(dest)
-    swapped = False
-    try:
-        build(tmp)
-        if exists and keep_others is not None:
-            _link_tree(dest, tmp, lambda name: name in keep_others or _legacy_temp_of(name, keep_others))
-            os.chmod(tmp, stat.S_IMODE(dest.stat().st_mode))
-        _fsync_dir(tmp)
-        if exists:
-            old = _swap_in(tmp, dest)
-            swapped = True
-            _fsync_dir(dest.parent)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dest)  # a new folder: one rename
-            swapped = True
-            _fsync_dir(dest.parent)
-    except BaseException:
-        if not swapped:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-_LEGACY_TEMP = re.compile(r"^\.(?P<stem>.+)\.tmp-[0-9a-f]{8}(?P<suffix>\.[^.]*)?$")
-
-
-def _legacy_temp_of(name: str, files: set[str]) -> bool:
-    """Whether `name` is a temporary of one of `files` left by an earlier lorakit, which wrote
-    `.{stem}.tmp-{8 hex}{suffix}` (no pid: no running writer of this version makes that name)."""
-    m = _LEGACY_TEMP.match(name)
-    return m is not None and f"{m['stem']}{m['suffix'] or ''}" in files
-
-
-def write_file_atomic(path: Path, write: Any) -> None:
-    """`write(tmp)` to a temporary file beside `path`, fsync, rename over `path`: the file is the
-    old or the new one, never half-written. The temporary keeps `path`'s suffix (formats that
-    go by it, e.g. matplotlib's, still see it). Temporaries of killed writers of `path` are removed."""
-    path = Path(path)
-    stem = _short_name(path.stem)
-    for e in _scandir_quiet(path.parent):
-        m = _LEFTOVER.match(e.name)
-        if m and e.name.startswith(f".{stem}.tmp-") and not _pid_alive(int(m["pid"])) and e.is_file(follow_symlinks=False):
-            Path(e.path).unlink(missing_ok=True)
-    tmp = path.parent / f".{stem}.tmp-{os.getpid()}-{secrets.token_hex(4)}{path.suffix}"
-    try:
-        _write_synced(tmp, write)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _scandir_quiet(folder: Path) -> list[os.DirEntry]:
-    try:
-        return list(os.scandir(folder))
-    except OSError:
-        return []
-
-
-def replace_dir(dest: Path, build: Any) -> None:
-    """Fill a new folder with `build(tmp)` beside `dest`, then swap it in for `dest` (whose old
-    contents are dropped): readers never see a half-built folder, and a kill leaves the old
-    folder or the new one. For folders the caller owns whole (an exported model); use
-    write_dir_atomic to update files in a user's folder."""
-    dest = Path(os.path.realpath(dest))
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _recover(dest)
-    _clean_leftovers(dest)
-    exists = os.path.lexists(dest)
-    if exists and not dest.is_dir():
-        raise LoraError(f"{dest}: exists and is not a folder")
-    _build_and_swap(dest, exists, build, keep_others=None)
-
-
-def _write_synced(path: Path, write: Any) -> None:
-    write(path)
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 # ---- load -------------------------------------------------------------------------------------
@@ -476,8 +172,7 @@ def read_adapter_files(path: str | os.PathLike, *, root: str | os.PathLike | Non
     if not os.path.lexists(text):
         absolute = Path(os.path.abspath(text))
         if _inside(Path(os.path.realpath(absolute.parent)), root_path):
-            _recover(absolute)
-            _wait_for_live_swap(absolute)
+            recover(absolute)
     for _ in range(5):
         try:
             return _read_once(shown, root_path, max_bytes)
@@ -624,23 +319,25 @@ def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Tensor]
 
 
 @dataclass
-class _Plan:
-    """Everything load_adapter will do, worked out before it touches the model."""
+class AdapterPlan:
+    """Everything loading an adapter into a model will do, worked out (and checked) before the
+    model changes: `plan_adapter`'s result, which load_adapter and the adapter bank carry out."""
 
     lora: dict[str, tuple[Tensor, Tensor]]  # module path -> (A as r x in, B as out x r)
     saved: dict[str, dict[str, Tensor]]  # modules_to_save path -> its state dict
     biases: dict[str, Tensor]  # parameter name in the wrapped model -> value
     base_weights: dict[str, Tensor]  # module path -> full base weight (PEFT's save_embedding_layers)
-    magnitudes: dict[str, Tensor] = field(default_factory=dict)  # module path -> DoRA magnitude (out,)
+    extras: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # path -> the variant's tensors by suffix
     alphas: dict[str, float] = field(default_factory=dict)  # module path -> alpha (alpha_pattern applied)
 
 
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<which>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
 
 
-def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], source: str) -> _Plan:
-    """Check `tensors` against `model` and `config`; every pattern match of the config shares one
-    time budget (a hostile regex fails here, before the model changes)."""
+def plan_adapter(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], source: str) -> AdapterPlan:
+    """Check `tensors` (an adapter file's) against `model` and `config`: every key, shape and
+    config field; AdapterFileError naming `source` otherwise. Every pattern match of the config
+    shares one time budget (a hostile regex fails here, before the model changes)."""
     with match_budget(source=source):
         try:
             saved_paths = modules_to_save_paths(model, config)
@@ -652,12 +349,13 @@ def _plan(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], sour
 
 
 def _plan_checked(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], source: str,
-                  saved_paths: list[str]) -> _Plan:
+                  saved_paths: list[str]) -> AdapterPlan:
     pairs: dict[str, dict[str, tuple[str, Tensor]]] = {}
     saved: dict[str, dict[str, Tensor]] = {p: {} for p in saved_paths}
     biases: dict[str, Tensor] = {}
     base_weights: dict[str, Tensor] = {}
-    magnitudes: dict[str, Tensor] = {}
+    extras: dict[str, dict[str, Tensor]] = {}  # path -> {suffix: tensor} of a variant (DoRA's magnitude)
+    variant, known = variant_for(config), extra_keys()
     modules = dict(walk(model))
     for key, t in tensors.items():
         if not key.startswith(PREFIX):
@@ -678,10 +376,12 @@ def _plan_checked(model: nn.Module, config: LoraConfig, tensors: dict[str, Tenso
         if name.endswith(".base_layer.weight"):
             base_weights[name[: -len(".base_layer.weight")]] = t
             continue
-        if name.endswith("." + dora.KEY):
-            if not config.use_dora:
-                raise AdapterFileError(f"{source}: key {key!r} is a DoRA magnitude but the config has use_dora=false")
-            magnitudes[name[: -len(dora.KEY) - 1]] = t
+        suffix = next((k for k in known if name.endswith("." + k)), None)
+        if suffix is not None:
+            if suffix not in variant.file_keys:
+                raise AdapterFileError(f"{source}: key {key!r} belongs to a {known[suffix].name} adapter but the config "
+                                       f"describes a {variant.name} one")
+            extras.setdefault(name[: -len(suffix) - 1], {})[suffix] = t
             continue
         raise AdapterFileError(f"{source}: unexpected key {key!r} for a LoRA adapter of {type(model).__name__}")
 
@@ -717,16 +417,15 @@ def _plan_checked(model: nn.Module, config: LoraConfig, tensors: dict[str, Tenso
         lora[path] = (A.reshape(r, -1), B.reshape(B.shape[0], r))
         if changes_base(config.init) and (kind.channel_dim != -1 or not kind.linear_like):
             raise AdapterFileError(f"{source}: init_lora_weights={config.init!r} on {path}, a {kind.name} layer")
-        if config.use_dora:
-            mag, km = magnitudes.get(path), f"{PREFIX}{path}.{dora.KEY}"
-            if mag is None:
-                raise AdapterFileError(f"{source}: use_dora is true but {km!r} is missing")
-            if tuple(mag.shape) != dora.file_shape(kind, base):
-                raise AdapterFileError(
-                    f"{source}: {km!r} has shape {tuple(mag.shape)}, but {path} needs {dora.file_shape(kind, base)}")
-            magnitudes[path] = mag.reshape(-1)
-    for path in magnitudes.keys() - lora.keys():
-        raise AdapterFileError(f"{source}: {PREFIX}{path}.{dora.KEY} has no lora_A/lora_B beside it")
+        for suffix in variant.file_keys:
+            t, key = extras.get(path, {}).get(suffix), f"{PREFIX}{path}.{suffix}"
+            if t is None:
+                raise AdapterFileError(f"{source}: a {variant.name} adapter needs {key!r}, which is missing")
+            why = variant.check_file(kind, base, suffix, t)
+            if why:
+                raise AdapterFileError(f"{source}: {key!r} {why}")
+    for path in extras.keys() - lora.keys():
+        raise AdapterFileError(f"{source}: {PREFIX}{path}.{next(iter(extras[path]))} has no lora_A/lora_B beside it")
 
     for path, sd in saved.items():
         mod = modules[path]
@@ -777,7 +476,7 @@ def _plan_checked(model: nn.Module, config: LoraConfig, tensors: dict[str, Tenso
             stray = sorted(set(lora) - set(covered))
             warnings.warn(f"{source}: layers {stray[:5]} have weights but are not in target_modules; "
                           "lorakit loads them, PEFT would not", stacklevel=3)
-    return _Plan(lora, {p: sd for p, sd in saved.items() if sd}, biases, base_weights, magnitudes)
+    return AdapterPlan(lora, {p: sd for p, sd in saved.items() if sd}, biases, base_weights, extras)
 
 
 CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
@@ -814,18 +513,14 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     state = state_of(model)
     if state is not None and adapter in state.configs and not replace:
         raise LoraError(f"adapter {adapter!r} is already loaded; pass replace=True or another name")
-    plan = _plan(model, config, tensors, source)
+    plan = plan_adapter(model, config, tensors, source)
     first = state is None or not state.configs
     if state is not None and adapter in state.configs:
-        from .adapters import delete_adapter
-
         delete_adapter(model, adapter, unwrap=False)
     state = state_of(model, create=True)
     try:
         own = _apply(model, state, adapter, config, plan)
     except Exception as e:
-        from .adapters import delete_adapter
-
         if adapter in state.configs:
             delete_adapter(model, adapter)
         raise LoraError(f"{source}: loading failed ({e}); the model was left unchanged") from e
@@ -840,26 +535,26 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
 
 
 @torch.no_grad()
-def _apply(model: nn.Module, state, adapter: str, config: LoraConfig, plan: _Plan) -> list[nn.Parameter]:
+def _apply(model: nn.Module, state: Any, adapter: str, config: LoraConfig, plan: AdapterPlan) -> list[nn.Parameter]:
     """Carry out the plan; returns the adapter's parameters (what trains for it)."""
     state.configs[adapter] = config
     fan_in_fan_out = False
     params: list[nn.Parameter] = []
+    variant = variant_for(config)
     for path, (A, B) in plan.lora.items():
-        layer = _wrap(model, path, state)
+        layer = wrap(model, path, state)
         fan_in_fan_out |= layer.kind.fan_in_fan_out
         alpha = plan.alphas[path] if path in plan.alphas else config.alpha_for(path)
         layer.add(adapter, A.shape[0], alpha, rslora=config.rslora, dropout=config.dropout,
-                  init=config.init, use_dora=config.use_dora, path=path, weights=(A, B))
+                  init=config.init, variant=variant, path=path, weights=(A, B))
         if changes_base(config.init):  # PiSSA/OLoRA re-derived the residual base; A, B come from the file
             layer.lora_A[adapter].copy_(A)
             layer.lora_B[adapter].copy_(B)
-        if path in plan.magnitudes:
-            layer.lora_magnitude_vector[adapter].copy_(plan.magnitudes[path])
-            params.append(layer.lora_magnitude_vector[adapter])
-        params += [layer.lora_A[adapter], layer.lora_B[adapter]]
+        if path in plan.extras:
+            variant.load(layer, adapter, plan.extras[path])
+        params += layer.parameters_of(adapter)
     for path, sd in plan.saved.items():
-        mod = _save_module(model, path, state)
+        mod = save_module(model, path, state)
         mod.add(adapter, sd)
         params += list(mod.modules_to_save[adapter].parameters())
     for path, t in plan.base_weights.items():

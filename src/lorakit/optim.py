@@ -32,7 +32,7 @@ def lora_plus_groups(model: nn.Module, adapter: str | None = None, *, lr: float,
     wanted = {id(p) for p in params}
     a, b, emb = [], [], []
     for _, layer in lora_layers(model):
-        is_emb = embedding_lr is not None and layer.kind.name == "embedding"
+        is_emb = embedding_lr is not None and layer.kind.meets == "lookup"
         for d, bucket in ((layer.lora_A, a), (layer.lora_B, b)):
             for p in d.values():
                 if id(p) in wanted:

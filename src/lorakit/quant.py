@@ -43,13 +43,11 @@ QUANTIZE = {
     "int8": "bitsandbytes LLM.int8 (8-bit weights, int8 matmul with fp16 outliers), Linear8bitLt",
     "int8-wo": "torchao int8 weight-only, per output row (activations stay float)",
 }
+LIBRARY = {"nf4": "bitsandbytes", "fp4": "bitsandbytes", "int8": "bitsandbytes", "int8-wo": "torchao"}  # what each needs
 
 
 def _linear_dims(m: nn.Module) -> tuple[int, int]:
     return m.in_features, m.out_features
-
-
-_project = kinds._linear_project  # x meets A by a plain matmul: the fused and batched paths apply
 
 
 # ---- bitsandbytes Linear4bit ---------------------------------------------------------------------
@@ -166,7 +164,7 @@ def _quantized_kind(name: str, matrix, write, check) -> kinds.Kind:
         name=name,
         dims=_linear_dims,
         matrix=matrix,
-        project=_project,
+        meets="matmul",  # x meets A by a plain matmul: the fused and batched paths apply
         a_shape=lambda m, r: (r, m.in_features),
         b_shape=lambda m, r: (m.out_features, r),
         write=write,

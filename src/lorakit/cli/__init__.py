@@ -8,12 +8,17 @@ import argparse
 import importlib
 import sys
 
+from lorakit.errors import LoraError
+
 COMMANDS = {
     "demo": "the main job on the embedded default (no arguments, nothing downloaded)",
     "train": "fine-tune a model with LoRA on your data, write a PEFT adapter",
     "serve": "serve a base model and many adapters over HTTP (OpenAI-compatible)",
     "inspect": "show an adapter's config, ranks and the spectrum of its updates",
 }
+
+
+EXTRAS = {"demo": "train", "train": "train", "serve": "serve", "inspect": "train"}  # pip extras per command
 
 
 def _available() -> dict[str, str]:
@@ -40,17 +45,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA for PyTorch, PEFT-compatible.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = argv[0] if argv and argv[0] in commands else None
+    module = None
     for name, help_text in commands.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:
-            importlib.import_module(f"lorakit.cli.{name}").add_arguments(p)
+            try:
+                module = importlib.import_module(f"lorakit.cli.{name}")
+            except ImportError as e:  # an optional dependency of this command: say what to install
+                extra = EXTRAS.get(name, "train")
+                print(f"lorakit {name}: needs {e.name or e} (pip install 'lorakit[{extra}]')", file=sys.stderr)
+                return 2
+            module.add_arguments(p)
     args = parser.parse_args(argv)
-    if args.command is None:
+    if args.command is None or module is None:
         parser.print_help()
         return 2
-    module = importlib.import_module(f"lorakit.cli.{args.command}")
-    from lorakit.errors import LoraError
-
     try:
         return int(module.run(args) or 0)
     except LoraError as e:

@@ -27,7 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import lorakit as lk
 from lorakit.cli import quiet_third_party_logs
+from lorakit.errors import LoraError
+from lorakit.files import replace_dir
+from lorakit.models import cache_dir, load_model
+from lorakit.train import datasets, generate, train
+from lorakit.train.data import load_examples
+from lorakit.train.metrics import same_answer, save_figure_atomic, smooth, write_json_atomic
 
 MODES = ("head", "lora", "full")
 MODE_NAMES = {"head": "head only (frozen base)", "lora": "LoRA r=8 + head", "full": "full fine-tuning"}
@@ -49,8 +56,6 @@ class DemoTask:
 
 
 def default_tasks() -> list[DemoTask]:
-    from lorakit.train import datasets
-
     return [
         DemoTask("topic", "BBC News topic, 5 classes",
                  lambda: datasets.split(datasets.bbc_news(), n_train=400, n_test=250, seed=0),
@@ -94,8 +99,6 @@ def _job(name: str, options: dict[str, Any], q: Any) -> None:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        from lorakit.train import train
-
         train(callback=lambda ev: q.put((name, ev)), **options)
         q.put((name, {"event": "done"}))
     except BaseException as e:  # report anything, including KeyboardInterrupt, to the parent
@@ -109,12 +112,8 @@ def run_jobs(jobs: dict[str, dict[str, Any]], workers: int, total_steps: int) ->
 
     from tqdm.auto import tqdm
 
-    from lorakit.errors import LoraError
-
     if workers == 0:  # in this process, one after the other (debugging, tests): memory figures then share a process
         for name, options in jobs.items():
-            from lorakit.train import train
-
             print(f"  {name}", flush=True)
             train(**options)
         return
@@ -162,8 +161,6 @@ def run_jobs(jobs: dict[str, dict[str, Any]], workers: int, total_steps: int) ->
 
 # ---- the classification demo ------------------------------------------------------------------
 def run_demo(out: Path, tasks: list[DemoTask], model: str = "minilm", jobs: int = 2, threads: int = 1) -> dict[str, Any]:
-    from lorakit.train import datasets
-
     t0 = time.time()
     out = Path(out)
     print(f"lorakit demo: LoRA vs the head alone vs full fine-tuning on a pretrained model ({model}), "
@@ -254,8 +251,6 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.js
 
 def adapters_home() -> Path:
     """Where the demo's LoRA adapters are kept for `lorakit serve`: the user cache, one subfolder each."""
-    from lorakit.models import cache_dir
-
     return cache_dir() / "demo-adapters"
 
 
@@ -263,28 +258,8 @@ def _complete(folder: Path, names: list[str]) -> bool:
     return all((folder / n / f).is_file() for n in names for f in ADAPTER_FILES)
 
 
-def _publish(tmp: Path, dest: Path, names: list[str]) -> None:
-    """Rename the finished set `tmp` into `dest`: readers see no set or a whole one. A complete
-    set already there (a concurrent run won) is kept; an incomplete one is replaced."""
-    if _complete(dest, names):
-        return
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{os.getpid()}"
-        os.rename(dest, old)
-    try:
-        os.rename(tmp, dest)
-    except OSError:
-        if not _complete(dest, names):
-            raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def train_lora(out: Path, tasks: list[DemoTask], model: str = DEMO_MODEL) -> None:
     """Only the demo's LoRA runs (its settings, split and seed), each into out/<task>."""
-    from lorakit.train import datasets
-
     cores = os.cpu_count() or 1
     jobs = min(len(tasks), 2 if cores >= 2 else 1)
     threads = max(1, cores // jobs)
@@ -311,13 +286,8 @@ def ensure_adapters(out: Path | None = None) -> tuple[str, Path]:
         return DEMO_MODEL, dest
     print(f"lorakit: training the demo's adapters {names} once (LoRA r=8 on {DEMO_MODEL}, the demo's settings; "
           f"a few minutes on a laptop CPU) into {dest}", flush=True)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-    try:
-        train_lora(tmp, tasks)
-        _publish(tmp, dest, names)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    # a complete set already there (a concurrent run won) is kept; an incomplete one is replaced
+    replace_dir(dest, lambda tmp: train_lora(tmp, tasks), keep=lambda d: _complete(d, names))
     return DEMO_MODEL, dest
 
 
@@ -328,17 +298,14 @@ def publish_adapters(out: Path, tasks: list[DemoTask], model: str) -> Path | Non
     dest = adapters_home()
     if model != DEMO_MODEL or names != [t.name for t in default_tasks()] or _complete(dest, names):
         return None
+    def build(tmp: Path) -> None:
+        for n in names:
+            (tmp / n).mkdir()
+            for f in ADAPTER_FILES:
+                shutil.copy2(out / n / "lora" / f, tmp / n / f)
+
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
-        try:
-            for n in names:
-                (tmp / n).mkdir()
-                for f in ADAPTER_FILES:
-                    shutil.copy2(out / n / "lora" / f, tmp / n / f)
-            _publish(tmp, dest, names)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        replace_dir(dest, build, keep=lambda d: _complete(d, names))
     except OSError as e:  # the cache is a convenience: the demo itself succeeded
         print(f"  (could not keep the adapters for `lorakit serve` in {dest}: {e})", flush=True)
         return None
@@ -414,10 +381,6 @@ def predict(model: Any, tok: Any, texts: list[str], max_length: int, batch_size:
 
 def shared_base_check(out: Path, tasks: list[DemoTask], model: str, data: dict[str, tuple[Path, Path]],
                       summary: dict[str, Any]) -> dict[str, Any]:
-    import lorakit as lk
-    from lorakit.models import load_model
-    from lorakit.train.data import load_examples
-
     views: dict[str, Any] = {}
     first = tasks[0]
     labels = {t.name: summary["tasks"][t.name]["labels"] for t in tasks}
@@ -470,8 +433,6 @@ def shared_base_check(out: Path, tasks: list[DemoTask], model: str, data: dict[s
 
 
 def _write_json(path: Path, data: Any) -> None:
-    from lorakit.train.metrics import write_json_atomic
-
     write_json_atomic(path, data)
 
 
@@ -480,8 +441,6 @@ def _plots(out: Path, tasks: list[DemoTask], results: dict[str, dict], summary: 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from lorakit.train.metrics import save_figure_atomic, smooth
 
     colors = {"head": "tab:gray", "lora": "tab:blue", "full": "tab:orange"}
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
@@ -536,10 +495,6 @@ def llm_demo(out: Path, threads: int = 1, n_train: int = 160, n_test: int = 100,
              model: str = "smollm2") -> dict[str, Any]:
     import torch
 
-    import lorakit as lk
-    from lorakit.models import load_model
-    from lorakit.train import datasets, generate, train
-
     t0 = time.time()
     torch.set_num_threads(threads)
     print(f"lorakit demo --llm: teach {model} to name a BBC headline's topic in one word. Report: {out}", flush=True)
@@ -556,8 +511,6 @@ def llm_demo(out: Path, threads: int = 1, n_train: int = 160, n_test: int = 100,
     with lk.disable_adapters(model_obj):
         before = generate(model_obj, tok, prompts, 6, batch_size=20)
     gold = [r["label"] for r in test_rec]
-    from lorakit.train.metrics import same_answer
-
     em_before = sum(same_answer(b, g) for b, g in zip(before, gold)) / len(gold)
     em_after = sum(same_answer(a, g) for a, g in zip(after, gold)) / len(gold)
     print(f"\n  exact match on {len(gold)} held-out headlines: base {em_before:.2f} -> LoRA {em_after:.2f} "

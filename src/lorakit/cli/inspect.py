@@ -19,10 +19,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from lorakit.io import write_file_atomic
+from lorakit.core import scaling
+from lorakit.errors import LoraError
+from lorakit.files import write_file_atomic
+from lorakit.io import read_adapter
+from lorakit.progress import progress_bar
+from lorakit.variants import extra_keys
 
 _KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.(?P<which>lora_A\.weight|lora_B\.weight|lora_embedding_A|"
-                  r"lora_embedding_B|lora_magnitude_vector)$")
+                  r"lora_embedding_B|" + "|".join(map(re.escape, extra_keys())) + ")$")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,9 +67,6 @@ def effective_rank(sv: Tensor) -> float:
 
 def inspect_adapter(folder: str | os.PathLike) -> dict:
     """The report as a dict (config, layers, counts)."""
-    from lorakit.core import scaling
-    from lorakit.io import read_adapter
-
     config, tensors = read_adapter(folder)
     parts: dict[str, dict[str, Tensor]] = {}
     other = 0
@@ -75,9 +77,7 @@ def inspect_adapter(folder: str | os.PathLike) -> dict:
         else:
             other += t.numel()
     layers = []
-    from lorakit.arithmetic import _progress
-
-    for path in _progress(sorted(parts, key=_natural), "spectra", None):
+    for path in progress_bar(sorted(parts, key=_natural), "spectra", None):
         d = parts[path]
         if "lora_A" not in d or "lora_B" not in d:
             continue
@@ -88,7 +88,7 @@ def inspect_adapter(folder: str | os.PathLike) -> dict:
         s = scaling(config.alpha_for(path), config.rank_for(path), config.rslora)
         sv = spectrum(A, B, s)
         layers.append(LayerInfo(path, r, s, (B.shape[0], A.shape[1]), sv.tolist(), effective_rank(sv),
-                                "lora_magnitude_vector" in d))
+                                any(k in d for k in extra_keys())))
     cfg = {f.name: getattr(config, f.name) for f in fields(config)}
     return {
         "folder": str(folder),
@@ -110,8 +110,6 @@ def plot(report: dict, out: str | os.PathLike) -> Path:
     try:
         import matplotlib
     except ImportError:
-        from lorakit.errors import LoraError
-
         raise LoraError("the plot needs matplotlib: pip install 'lorakit[train]' (or pass --no-plot)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

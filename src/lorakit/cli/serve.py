@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.cli import demo
+from lorakit.errors import LoraError
+from lorakit.serve import Limits, allowed_hosts_for, serve
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model: a transformers folder or an embedded name (smollm2, minilm)")
@@ -49,17 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _default() -> tuple[str, str]:
     """The embedded default base and the demo's adapters, training them first if they are missing."""
-    from lorakit.errors import LoraError
-
-    try:
-        from lorakit.cli import demo
-    except ImportError:
-        demo = None
-    ensure = getattr(demo, "ensure_adapters", None)
-    if ensure is None:
-        raise LoraError("no default to serve: `lorakit demo` does not provide its adapters in this version; "
-                        "pass --model PATH_OR_NAME --adapters DIR")
-    model, adapters = ensure()
+    model, adapters = demo.ensure_adapters()
     return str(model), str(adapters)
 
 
@@ -67,9 +61,6 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     import torch
-
-    from lorakit.errors import LoraError
-    from lorakit.serve import Limits, allowed_hosts_for, serve
 
     if args.threads:
         torch.set_num_threads(args.threads)

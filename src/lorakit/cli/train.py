@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import argparse
 
+from lorakit.quant import QUANTIZE
+from lorakit.train import TrainConfig, train
+from lorakit.train.dist import lost_peer
+
 # flag -> TrainConfig field; None defaults so a TOML file can fill what the command line omits
 _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--model",), dict(help="transformers model folder, or an embedded name: minilm, smollm2")),
@@ -38,7 +42,7 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--strategy",), dict(choices=["ddp", "fsdp"],
                            help="under torchrun: ddp (default; adapter gradients all-reduced) or fsdp "
                                 "(FSDP2: the frozen base sharded across processes); --batch-size is per process")),
-    (("--quantize",), dict(choices=["nf4", "fp4", "int8", "int8-wo"],
+    (("--quantize",), dict(choices=list(QUANTIZE),
                            help="hold the frozen base in 4/8 bits (QLoRA): nf4, fp4, int8 (bitsandbytes), int8-wo (torchao)")),
 ]
 
@@ -59,8 +63,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lorakit.train import TrainConfig, train
-
     values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet") and v is not None}
     if args.quiet:
         values["progress"] = False
@@ -71,8 +73,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         train(cfg)
     except RuntimeError as e:  # under torchrun: another process died mid-collective
-        from lorakit.train.dist import lost_peer
-
         err = lost_peer(e, cfg.out)
         if err is None:
             raise

@@ -20,6 +20,7 @@ bytes served.
 
 from __future__ import annotations
 
+import ctypes
 import inspect
 import itertools
 import json
@@ -36,7 +37,9 @@ import torch
 
 from ..bank import AdapterBank
 from ..errors import AdapterChangedError, LoraError
-from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME
+from ..inject import check_adapter_name
+from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter_files
+from ..models import model_path
 
 log = logging.getLogger("lorakit.serve")
 Emit = Callable[[str, Any], None]  # (event, payload), thread-safe
@@ -114,6 +117,18 @@ def _adapter_tasks(root: Path | None) -> set[str]:
     return tasks
 
 
+def _eager_heap_release() -> None:
+    """Serve large allocations (adapter files, slots, prefill activations) from their own memory
+    maps: glibc otherwise raises its mmap threshold after the first large free and keeps later
+    large blocks in its heap, so a process that loaded and deleted a big adapter stayed larger.
+    A fixed 1 MiB threshold hands such memory back to the OS as soon as it is freed (Linux/glibc;
+    a no-op elsewhere)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def _logits_layer(model: torch.nn.Module) -> str | None:
     """Path of the Linear that computes a classifier's logits: the last with num_labels outputs."""
     n = getattr(model.config, "num_labels", None)
@@ -129,11 +144,9 @@ class Engine:
                  base_name: str | None = None, continuous: bool = True, max_queue: int = 256,
                  max_batch_tokens: int = 16384, max_adapter_bytes: int | None = 2 << 30):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-        from ..models import model_path
-
         from transformers.utils import logging as hf_logging
 
+        _eager_heap_release()
         path = model_path(model)
         config = AutoConfig.from_pretrained(path)
         self.root = Path(adapters_dir).resolve() if adapters_dir else None
@@ -239,8 +252,6 @@ class Engine:
         self._purge()
 
     def check_name(self, name: str) -> None:
-        from ..inject import check_adapter_name
-
         try:
             check_adapter_name(name)
         except LoraError as e:
@@ -269,8 +280,6 @@ class Engine:
     def read_adapter(self, folder: Path) -> tuple[Any, list[str] | None]:
         """Read, hash and check an adapter folder's files (confined to the root) and its class
         names: file work done by the calling thread, never the event loop or the worker."""
-        from ..io import read_adapter_files
-
         files = read_adapter_files(folder, root=self.root, max_bytes=self.max_adapter_bytes)
         labels = self._adapter_labels(files) if self.task == "classify" else None
         return files, labels
@@ -321,7 +330,7 @@ class Engine:
         with self._lock:
             key = self._registry.pop(name, None)
             if key is None:
-                raise ServeError(f"no adapter named {_short(name)}", 404, "model_not_found")
+                raise ServeError(f"adapter {_short(name)} is not loaded", 404, "model_not_found")
             self._doomed.add(key)
         self.submit(Control(self._purge, lambda e, p: None))
 

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LoraError
-from ..io import write_dir_atomic
+from ..files import write_dir_atomic
 
 DIRNAME = "checkpoints"
 _STEP = re.compile(r"^step-(\d+)$")

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LoraError
+from ..quant import QUANTIZE
 
 TASKS = ("classification", "causal-lm")
 # Learning rates that work out of the box per mode (LoRA's update is small: it takes a larger lr).
@@ -91,8 +92,8 @@ class TrainConfig:
             bad("dropout", "must be in [0, 1)")
         if not isinstance(self.warmup, (int, float)) or not 0 <= self.warmup < 1:
             bad("warmup", "must be a fraction in [0, 1)")
-        if self.quantize is not None and self.quantize not in ("nf4", "fp4", "int8", "int8-wo"):
-            bad("quantize", "expected nf4, fp4, int8 or int8-wo")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            bad("quantize", f"expected one of {list(QUANTIZE)}")
         if self.strategy not in ("ddp", "fsdp"):
             bad("strategy", "expected ddp or fsdp")
         if self.quantize and self.full:

@@ -40,9 +40,10 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import LoraError
+from . import checkpoint
+from .data import IGNORE
 
 STRATEGIES = ("ddp", "fsdp")
-IGNORE = -100  # data.IGNORE: label value the loss skips
 
 
 @dataclass
@@ -267,7 +268,8 @@ class Dist:
         """`load(folder)` on rank 0, sent to the others as safetensors + JSON bytes (no pickle)."""
         if self.world_size == 1:
             return load(folder)
-        from safetensors.torch import load as st_load, save as st_save
+        from safetensors.torch import load as st_load
+        from safetensors.torch import save as st_save
 
         tensors, meta = load(folder) if self.is_main else ({}, {})
         blob = self._share_bytes(st_save(tensors) if self.is_main else None)
@@ -306,8 +308,6 @@ def lost_peer(error: BaseException, out: str | Path) -> LoraError | None:
     text = str(error).strip()
     if not (isinstance(error, tdist.DistError) or any(s in text.lower() for s in _COMM_FAILURE)):
         return None
-    from . import checkpoint
-
     ck = checkpoint.latest(out)
     then = (f"rerun the same command with --resume to continue from {ck} (any number of processes, "
             "same global batch)") if ck else "no checkpoint was written yet (--save-every N writes them)"

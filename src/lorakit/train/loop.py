@@ -23,8 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..io import WEIGHTS_NAME, replace_dir
+import lorakit as lk
+
+from .. import quant
 from ..errors import LoraError
+from ..files import replace_dir
+from ..inject import DEFAULT_TARGETS
+from ..io import WEIGHTS_NAME
+from ..models import load_model
 from . import checkpoint, data, metrics
 from .config import TrainConfig
 from .dist import Dist
@@ -66,7 +72,6 @@ def train(config: TrainConfig | None = None, /, *, callback: Callable[[dict], No
 # (module, what it is for, the extra that installs it)
 _ALWAYS = [("transformers", "models and tokenizers", "train"), ("tqdm", "the progress bar", "train"),
            ("matplotlib", "the loss plot", "train")]
-_QUANTIZE = {"nf4": "bitsandbytes", "fp4": "bitsandbytes", "int8": "bitsandbytes", "int8-wo": "torchao"}
 
 
 def _installed(module: str) -> bool:
@@ -84,7 +89,7 @@ def check_dependencies(config: TrainConfig) -> None:
     missing (without matplotlib a run used to train to the end, then crash on the final plot)."""
     needs = list(_ALWAYS)
     if config.quantize:
-        needs.append((_QUANTIZE[config.quantize], f"--quantize {config.quantize}", "quant"))
+        needs.append((quant.LIBRARY[config.quantize], f"--quantize {config.quantize}", "quant"))
     missing = [(m, why, extra) for m, why, extra in needs if not _installed(m)]
     if missing:
         extras = sorted({extra for _, _, extra in missing})
@@ -125,8 +130,6 @@ class _Run:
         if self.out.exists() and not self.out.is_dir():
             raise LoraError(f"--out {self.out}: exists and is not a folder")
 
-        from ..models import load_model
-
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
         self.device = _device(cfg.device)
@@ -144,9 +147,6 @@ class _Run:
     def _prepare(self, model: nn.Module, new_modules: list[str]) -> dict[str, nn.Parameter]:
         """Decide what trains. LoRA: adapters on the targets, plus a full copy of any freshly
         initialised head (it has to be learned and saved with the adapter)."""
-        import lorakit as lk
-        from ..inject import DEFAULT_TARGETS
-
         cfg = self.cfg
         names = dict(model.named_modules())
         heads = [m for m in new_modules if m in names] if cfg.task == "classification" else []
@@ -334,8 +334,6 @@ class _Run:
 
     # ---- outputs ------------------------------------------------------------------------------
     def _finish(self, hist, total, bpe, start, t0, peak, rss_before, memory_method, train_s, seg_tokens) -> TrainResult:
-        import lorakit as lk
-
         cfg, model = self.cfg, self.model
         summary = lk.param_summary(model) if cfg.mode == "lora" else None
         trainable = sum(p.numel() for p in self.trainable.values())
@@ -386,8 +384,6 @@ class _Run:
     def _write_adapter(self) -> int:
         """adapter_model.safetensors + adapter_config.json, each replaced atomically; other files
         and folders in --out are left alone."""
-        import lorakit as lk
-
         lk.save_adapter(self.model, self.out, "default", base_model_name_or_path=self.cfg.model)
         return (self.out / WEIGHTS_NAME).stat().st_size
 

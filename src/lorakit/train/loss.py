@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-IGNORE = -100
+from .data import IGNORE
+
 # model types whose loss is exactly backbone -> plain Linear head -> shifted mean cross-entropy
 # (not e.g. Granite, which divides the logits by config.logits_scaling, or Gemma2's soft-capping)
 _SAFE_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gpt2", "gpt_neox", "phi3", "olmo", "olmo2"}

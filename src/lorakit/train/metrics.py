@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..io import write_file_atomic
+from ..files import write_file_atomic
 
 
 def accuracy(pred: Sequence[int], gold: Sequence[int]) -> float:
