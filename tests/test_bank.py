@@ -158,3 +158,18 @@ def test_slots_shrink_back_when_a_large_adapter_leaves(saved, tmp_path):
     assert slots() == small
     bank.remove("a")
     assert bank._stacks == {}  # nothing resident: no slots at all
+
+
+def test_slots_are_allocated_for_the_adapters_in_use_not_the_capacity(saved):
+    model = tiny_llama()
+    bank = AdapterBank(model, capacity=8)
+    for n in RANKS:
+        bank.add(n, saved / n)
+    bank.ensure(["a", "b"])
+    assert {st.A.shape[0] for st in bank._stacks.values()} == {2}  # two resident: two slots, of 8 allowed
+    bank.ensure(["a", "b", "c", "d"])
+    assert {st.A.shape[0] for st in bank._stacks.values()} == {4}
+    bank.evict("c")
+    bank.evict("d")
+    bank.evict("b")
+    assert {st.A.shape[0] for st in bank._stacks.values()} == {1}

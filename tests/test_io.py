@@ -153,7 +153,7 @@ def test_save_is_atomic(saved, monkeypatch):
             fh.write(b"half a file")
         raise KeyboardInterrupt("killed mid-save")
 
-    monkeypatch.setattr(lkio, "save_file", crash)
+    monkeypatch.setattr(lkio, "write_weights", crash)
     with pytest.raises(KeyboardInterrupt):
         lk.save_adapter(model, saved)
     assert {p.name: p.read_bytes() for p in saved.iterdir()} == before  # old adapter intact, no temp files
@@ -230,13 +230,13 @@ def test_save_into_a_folder_keeps_everything_else(saved, tmp_path):
         raise KeyboardInterrupt("killed")
 
     import lorakit.io as lkio_mod
-    orig = lkio_mod.save_file
-    lkio_mod.save_file = crash
+    orig = lkio_mod.write_weights
+    lkio_mod.write_weights = crash
     try:
         with pytest.raises(KeyboardInterrupt):
             lk.save_adapter(model, new)
     finally:
-        lkio_mod.save_file = orig
+        lkio_mod.write_weights = orig
     assert not new.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".fresh_dest")]
 
 

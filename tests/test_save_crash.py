@@ -66,6 +66,8 @@ ZYGOTE = textwrap.dedent('''
     def worker(mode, dest):
         if mode == "fallback":  # as on a system without renameat2(RENAME_EXCHANGE)
             lkfiles._exchange = lambda a, b: False
+        if mode == "inplace":  # as for a mount point: the folder cannot be switched, its files are
+            lkfiles.os.path.ismount = lambda p: Path(p) == dest
         i = 1
         while True:
             target = dest / f"n{i}" if mode == "new" else dest
@@ -193,7 +195,7 @@ def _leftovers(dest: Path) -> list[str]:
     return beside + inside
 
 
-@pytest.mark.parametrize("mode", ["exchange", "fallback"])
+@pytest.mark.parametrize("mode", ["exchange", "fallback", "inplace"])
 def test_sigkill_at_any_instant_leaves_one_whole_adapter(zygote, mode):
     rng = random.Random()
     dest = _existing_folder(zygote.work, f"dest-{mode}", zygote.work / "ref0")
@@ -278,3 +280,30 @@ def _saved_ref(tmp_path: Path) -> Path:
     m = _model()
     lk.inject(m, lk.LoraConfig(r=2, targets=["0"]), "a")
     return lk.save_adapter(m, tmp_path / "ref", "a")
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_an_in_place_save_torn_between_its_renames_is_completed_or_refused(zygote, tmp_path):
+    """Where the folder cannot be switched (a mount point), a save renames its two files one after
+    the other. Killed between them, new weights sit beside the old config: a read sees that the
+    weights name another config and completes the save from what it staged. Without a staged
+    config (a config edited by hand since the save) the pair is read as it is."""
+    a, b = (zygote.work / f"ref{i}" for i in (0, 1))
+    for staged in (True, False):
+        dest = tmp_path / f"torn-{staged}"
+        shutil.copytree(a, dest)
+        (dest / lkio.WEIGHTS_NAME).write_bytes((b / lkio.WEIGHTS_NAME).read_bytes())  # the first rename happened
+        if staged:
+            stage = dest / f".save.tmp-{_dead_pid()}-0123abcd"
+            stage.mkdir()
+            (stage / lkio.CONFIG_NAME).write_bytes((b / lkio.CONFIG_NAME).read_bytes())
+            assert classify(dest, zygote.refs) == "1"  # completed: the new adapter, whole
+            assert (dest / lkio.CONFIG_NAME).read_bytes() == (b / lkio.CONFIG_NAME).read_bytes()
+        else:
+            config, _ = lk.read_adapter(dest)
+            assert config == zygote.refs[0].config  # as it is

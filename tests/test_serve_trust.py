@@ -447,3 +447,179 @@ def test_a_large_adapter_loaded_used_and_deleted_gives_its_memory_back(tmp_path)
         assert after - before < 0.1 * big_mb, (before, loaded, after, big_mb)
     finally:
         stop(proc)
+
+
+# ---- the red team's findings, each as a test ----------------------------------------------------
+def test_half_sent_requests_are_dropped_and_do_not_block_others(site):
+    import socket as so
+
+    proc, url = start_cli("--model", str(site["model_dir"]), "--adapters", str(site["adapters"]),
+                          "--header-timeout", "1")
+    socks = []
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(200):  # connections that send half a request and stop
+            s = so.create_connection(("127.0.0.1", port))
+            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+            socks.append(s)
+        t = time.time()
+        assert httpx.get(url + "/health", timeout=5).status_code == 200 and time.time() - t < 2
+        time.sleep(2.0)
+        closed = 0
+        for s in socks:  # the server closed each once its headers were late
+            s.settimeout(0.5)
+            try:
+                closed += s.recv(1) == b""
+            except (so.timeout, ConnectionError):
+                closed += 1
+        assert closed == len(socks)
+        assert complete(url, "alpha", "hello", 3).status_code == 200
+    finally:
+        for s in socks:
+            s.close()
+        stop(proc)
+
+
+def test_web_pages_cannot_drive_the_server(server):
+    body = json.dumps({"name": "alpha", "path": "beta", "replace": True})
+    # a form-like post a page may send without asking (no preflight): refused for its content type
+    r = httpx.post(server + "/v1/adapters", content=body, headers={"content-type": "text/plain"})
+    assert r.status_code == 415
+    # JSON from another site's page: refused for its Origin (or the browser's Sec-Fetch-Site)
+    for headers in ({"origin": "https://evil.example"}, {"sec-fetch-site": "cross-site"}, {"origin": "null"}):
+        r = httpx.post(server + "/v1/adapters", content=body, headers={"content-type": "application/json", **headers})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "cross_origin", headers
+    ok = httpx.post(server + "/v1/completions", json={"model": "alpha", "prompt": "a", "max_tokens": 1},
+                    headers={"origin": server})  # the server's own origin is fine
+    assert ok.status_code == 200
+
+
+def test_stop_strings_spanning_tokens_never_leak(site, server):
+    text = oracle(site, site["adapters"] / "alpha", "hello", 12)[0]
+    cut = next(i for i in range(2, len(text) - 2) if text[i:i + 2] not in text[:i + 1])  # its first occurrence
+    stop_s = text[cut:cut + 2]  # two characters: two byte tokens
+    for stream in (False, True):
+        body = {"model": "alpha", "prompt": "hello", "max_tokens": 12, "temperature": 0, "stop": [stop_s],
+                "stream": stream}
+        if stream:
+            chunks = [json.loads(l[6:])["choices"][0] for l in httpx.post(server + "/v1/completions", json=body).text
+                      .splitlines() if l.startswith("data: {")]
+            got, reason = "".join(c["text"] for c in chunks), chunks[-1]["finish_reason"]
+        else:
+            choice = httpx.post(server + "/v1/completions", json=body).json()["choices"][0]
+            got, reason = choice["text"], choice["finish_reason"]
+        assert (got, reason) == (text[:cut], "stop"), (stream, text, stop_s)
+
+
+def test_echo_logprobs_with_many_prompts_and_choices(site, server):
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none")
+    prompts = ["hello", "abc de"]
+    out = client.completions.create(model="gamma", prompt=prompts, n=3, max_tokens=0, echo=True, logprobs=1)
+    assert len(out.choices) == 6
+    for c in out.choices:
+        p = prompts[c.index // 3]
+        *_, ids, lp = oracle(site, site["adapters"] / "gamma", p, 1)
+        assert c.text == p and c.logprobs.token_logprobs[0] is None
+        assert c.logprobs.text_offset == list(range(len(p)))  # one byte token per character here
+        for j in range(1, len(ids)):
+            assert abs(c.logprobs.token_logprobs[j] - float(lp[j - 1][ids[j]])) < 1e-4
+
+
+def test_chat_logprob_bytes_are_the_tokens_bytes(site, server):
+    client = openai.OpenAI(base_url=server + "/v1", api_key="none")
+    chat = client.chat.completions.create(model="beta", messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                          temperature=0, logprobs=True, top_logprobs=1,
+                                          logit_bias={"256": -100})
+    content = chat.choices[0].logprobs.content
+    ids = [b for c in content for b in c.bytes]
+    assert all(len(c.bytes) == 1 for c in content)  # the byte tokenizer: one byte per token, partial UTF-8 too
+    assert bytes(ids).decode(errors="replace") == chat.choices[0].message.content
+
+
+def test_odd_values_are_client_errors(site, server):
+    for bias in ({"\u00b2": 1}, {"0" * 5000: 1}, {"\u0663": 1}, {"-1": 1}):
+        r = httpx.post(server + "/v1/completions", json={"model": "alpha", "prompt": "a", "logit_bias": bias})
+        assert r.status_code == 400, bias
+    huge = site["adapters"] / "later" / "huge_alpha"
+    make_adapter(huge, "huge_alpha", 2, ["q_proj", "v_proj"], 21)
+    write_config(huge, lora_alpha=1e308)
+    r = httpx.post(server + "/v1/adapters", json={"name": "huge_alpha", "path": "later/huge_alpha"})
+    assert r.status_code == 400 and "overflow" in r.json()["error"]["message"]
+    assert "/tmp" not in r.text  # the server's own paths are not shown to clients
+
+
+def test_a_request_larger_than_the_queue_is_a_400_not_a_429(site):
+    proc, url = start_cli("--model", str(site["model_dir"]), "--adapters", str(site["adapters"]), "--max-queue", "4")
+    try:
+        r = httpx.post(url + "/v1/completions", json={"model": "alpha", "prompt": ["a"] * 5, "max_tokens": 1})
+        assert r.status_code == 400 and "queues at most 4" in r.json()["error"]["message"]
+    finally:
+        stop(proc)
+
+
+def test_hostile_adapter_loads_do_not_stall_generation(site, server):
+    evil = site["adapters"] / "later" / "evil2"
+    make_adapter(evil, "evil2", 2, ["q_proj", "v_proj"], 8)
+    write_config(evil, target_modules=EVIL)
+    gaps, stamps = [], []
+
+    def stream():
+        body = {"model": "beta", "prompt": "b", "max_tokens": 400, "temperature": 0, "stream": True,
+                "logit_bias": {"256": -100}}
+        with httpx.stream("POST", server + "/v1/completions", json=body, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    stamps.append(time.time())
+
+    t = threading.Thread(target=stream)
+    t.start()
+    while not stamps:
+        time.sleep(0.01)
+    with ThreadPoolExecutor(3) as ex:
+        codes = list(ex.map(lambda _: httpx.post(server + "/v1/adapters", json={"name": "evil2", "path": "later/evil2"},
+                                                  timeout=60).status_code, range(6)))
+    t.join()
+    gaps = [b - a for a, b in zip(stamps, stamps[1:])]
+    assert set(codes) <= {400, 409} and 400 in codes
+    assert max(gaps) < 0.5, max(gaps)  # (the checks ran beside the worker, not on it)
+
+
+def test_a_refused_folder_does_not_decide_what_the_server_serves(site, tmp_path):
+    adapters = tmp_path / "adapters"
+    make_adapter(adapters / "good", "good", 2, ["q_proj"], 1)
+    outside = tmp_path / "outside"
+    make_adapter(outside, "o", 2, ["q_proj"], 2)
+    write_config(outside, task_type="SEQ_CLS")
+    os.symlink(outside, adapters / "linked")
+    proc, url = start_cli("--model", str(site["model_dir"]), "--adapters", str(adapters))
+    try:
+        assert httpx.get(url + "/health").json()["task"] == "generate"
+        assert complete(url, "good", "hello", 3).status_code == 200
+    finally:
+        stop(proc)
+
+
+def test_stalled_bodies_cannot_pile_up_memory(site):
+    import socket as so
+
+    proc, url = start_cli("--model", str(site["model_dir"]), "--adapters", str(site["adapters"]),
+                          "--max-pending-bytes", "1000000")
+    socks = []
+    try:
+        port = int(url.rsplit(":", 1)[1])
+        head = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                b"Content-Length: 3000000\r\n\r\n")
+        answers = []
+        for _ in range(3):  # each sends 600 KB of a 3 MB body and stalls
+            s = so.create_connection(("127.0.0.1", port))
+            s.sendall(head + b" " * 600_000)
+            socks.append(s)
+            time.sleep(0.3)
+        socks[-1].settimeout(5)
+        answers.append(socks[-1].recv(200))
+        assert b" 503 " in answers[-1].split(b"\r\n")[0], answers
+        assert complete(url, "alpha", "hello", 3).status_code == 200
+    finally:
+        for s in socks:
+            s.close()
+        stop(proc)

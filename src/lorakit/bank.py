@@ -20,6 +20,7 @@ thread).
 from __future__ import annotations
 
 import ctypes
+import itertools
 import os
 from collections import OrderedDict
 from contextlib import contextmanager
@@ -32,8 +33,8 @@ from torch import Tensor, nn
 from . import core
 from .batch import RowGroups, rows
 from .config import LoraConfig
-from .errors import AdapterChangedError, LoraError
-from .io import WEIGHTS_NAME, AdapterFiles, plan_adapter, read_adapter_files
+from .errors import LoraError
+from .io import PREFIX, WEIGHTS_NAME, AdapterFiles, plan_adapter, read_adapter_files
 from .layer import (LoraLayer, ModulesToSave, adapter_dtype, copy_with, lora_layers, require_adapter, require_state,
                     require_unmerged, save_module, state_of, wrap)
 from .patterns import match_budget
@@ -95,29 +96,41 @@ def _model_tables(model: nn.Module) -> list[tuple[int, dict, dict, dict]]:
     return [(id(l), l.lora_A._parameters, l.lora_B._parameters, l.scaling) for _, l in lora_layers(model)]
 
 
+@dataclass
+class _Layout:
+    """Where an adapter's tensors sit in its file and what they mean, worked out once when it was
+    checked: a reload of the same bytes needs no pattern matching or planning again."""
+
+    lora: dict[str, tuple[str, str, int, float]]  # module path -> (A's key, B's key, rank, scaling)
+    saved: dict[str, dict[str, str]]  # modules_to_save path -> {state-dict key: file key}
+
+
 class _FileSource:
     """A PEFT adapter folder (or its tensors kept in CPU memory), checked against the model.
 
     A folder is read once at registration (`io.read_adapter_files`: the bytes hashed are the bytes
     parsed) and, unless kept in memory, read again whenever it is brought into a slot: those bytes
-    must hash to the registered digest, else the load is refused (AdapterChangedError). What the
-    bank serves is therefore always exactly what was checked."""
+    must hash to the registered digest, else the load is refused (AdapterChangedError) before they
+    are parsed. What the bank serves is therefore always exactly what was checked.
 
-    def __init__(self, model: nn.Module, source: Any, keep_in_memory: bool, root: str | os.PathLike | None = None):
-        self.root = root
+    Building one checks the adapter against the model without changing the model (it reads the
+    module tree only), so it may run on another thread than the model's (`AdapterBank.prepare`)."""
+
+    def __init__(self, model: nn.Module, source: Any, keep_in_memory: bool, root: str | os.PathLike | None = None,
+                 max_bytes: int | None = None):
+        self.root, self.max_bytes = root, max_bytes
         if isinstance(source, tuple):
             self.path, self.digest, (config, tensors) = None, None, source
         else:
-            files = source if isinstance(source, AdapterFiles) else read_adapter_files(source, root=root)
+            files = source if isinstance(source, AdapterFiles) else read_adapter_files(
+                source, root=root, max_bytes=max_bytes)
             self.path, self.digest, config, tensors = files.folder, files.digest, files.config, files.tensors
-        plan = self._check(model, config, tensors)  # raises before anything changes
-        self.wrap(model, plan)  # wraps only layers not wrapped yet: other adapters are untouched
         self.config = config
+        self.layout = self._check(model, config, tensors)  # raises before anything changes
         keep = keep_in_memory or self.path is None
-        self.memory = (config, tensors) if keep else None
-        self.plan = plan if keep else None  # else read again from disk when brought in
+        self.memory = tensors if keep else None  # else read again from disk when brought in
 
-    def _check(self, model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor]) -> Any:
+    def _check(self, model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor]) -> _Layout:
         where = str(self.path / WEIGHTS_NAME) if self.path else "adapter tensors"
         variant = variant_for(config)
         if not variant.batchable:
@@ -127,37 +140,40 @@ class _FileSource:
         if plan.biases:
             raise LoraError(f"{where}: the adapter trains biases {sorted(plan.biases)[:3]}, which change the "
                             "shared base; it cannot be served in a mixed batch")
-        if getattr(plan, "base_weights", None):
+        if plan.base_weights:
             raise LoraError(f"{where}: the adapter rewrites base weights (PiSSA/OLoRA residual); it cannot share a base")
-        return plan
+        lora = {}
+        with match_budget():  # alpha_pattern keys are the file's patterns: bounded time
+            for path, (A, B) in plan.lora.items():
+                s = core.scaling(plan.alphas.get(path, config.alpha_for(path)), A.shape[0], config.rslora)
+                if not torch.isfinite(B.float() * s).all():
+                    raise LoraError(f"{where}: {path}'s scaled update overflows (alpha {config.alpha_for(path)}); "
+                                    "it would give infinite logits")
+                lora[path] = (*plan.keys[path], A.shape[0], s)
+        saved = {p: {k: f"{PREFIX}{p}.{k}" for k in sd} for p, sd in plan.saved.items()}
+        return _Layout(lora, saved)
 
-    def wrap(self, model: nn.Module, plan: Any) -> None:
+    def wrap(self, model: nn.Module) -> None:
+        """Wrap the layers the adapter needs (the model's thread only; others are untouched)."""
         state = state_of(model, create=True)
-        for path in plan.lora:
+        for path in self.layout.lora:
             wrap(model, path, state)
-        for path in plan.saved:
+        for path in self.layout.saved:
             save_module(model, path, state)
 
     def fetch(self, model: nn.Module) -> _Weights:
         if self.memory is not None:
-            config, tensors = self.memory
-            plan = self.plan
+            tensors = self.memory
         else:
-            files = read_adapter_files(self.path, root=self.root)
-            if files.digest != self.digest:
-                raise AdapterChangedError(
-                    f"{self.path}: the adapter's files changed on disk since they were checked and registered "
-                    f"(sha256 {self.digest[:12]}... now {files.digest[:12]}...); it is not served until it is "
-                    "registered again (replace)")
-            config, tensors = files.config, files.tensors
-            plan = self._check(model, config, tensors)
-        self.wrap(model, plan)
+            tensors = read_adapter_files(self.path, root=self.root, max_bytes=self.max_bytes,
+                                         expected_digest=self.digest).tensors
+        self.wrap(model)
         lora = {}
-        with match_budget():  # alpha_pattern keys are the file's patterns: bounded time
-            for path, (A, B) in plan.lora.items():
-                layer = model.get_submodule(path)
-                lora[layer] = (A, B, core.scaling(config.alpha_for(path), A.shape[0], config.rslora))
-        return _Weights(lora, plan.saved)
+        for path, (ka, kb, r, s) in self.layout.lora.items():
+            B = tensors[kb]
+            lora[model.get_submodule(path)] = (tensors[ka].reshape(r, -1), B.reshape(B.shape[0], r), s)
+        saved = {p: {k: tensors[fk] for k, fk in keys.items()} for p, keys in self.layout.saved.items()}
+        return _Weights(lora, saved)
 
 
 class AdapterBank:
@@ -179,18 +195,18 @@ class AdapterBank:
         self._fingerprint: dict[str, tuple] = {}
         self._stacks: dict[LoraLayer, _Stack] = {}
         self._saved: dict[str, dict[str, nn.Module]] = {}  # name -> {modules_to_save path: module}
-        self._n_slots = capacity or 4
+        self._n_slots = 1  # slots in every layer's stack: grown as adapters come in (up to capacity), cut again
         self.loads = self.evictions = self.hits = 0
 
     # ---- registry ---------------------------------------------------------------------------
-    def add(self, name: str, source=None, *, keep_in_memory: bool = False, replace: bool = False,
-            root: str | os.PathLike | None = None) -> None:
+    def add(self, name: str, source: Any = None, *, keep_in_memory: bool = False, replace: bool = False,
+            root: str | os.PathLike | None = None, max_bytes: int | None = None) -> None:
         """Register adapter `name`: a PEFT folder, the `io.AdapterFiles` read from one, (config,
-        tensors) in memory, or None for the model's own adapter of that name. A folder is fully
-        checked now (keys, shapes, config) and read again when brought in (its bytes must hash as
-        they did now), unless keep_in_memory. `root`: every file read must resolve inside it.
-        With replace=True an existing adapter of that name is swapped out only once the new one
-        passed every check."""
+        tensors) in memory, what `prepare()` checked, or None for the model's own adapter of that
+        name. A folder is fully checked now (keys, shapes, config) and read again when brought in
+        (its bytes must hash as they did now), unless keep_in_memory. `root`: every file read must
+        resolve inside it; `max_bytes`: the largest weights file read. With replace=True an
+        existing adapter of that name is swapped out only once the new one passed every check."""
         if name in self._sources and not replace:
             raise LoraError(f"adapter {name!r} is already in the bank; pass replace=True or another name")
         if source is None:
@@ -199,10 +215,19 @@ class AdapterBank:
                 raise LoraError(f"the model has no adapter {name!r}")
             src: _ModelSource | _FileSource = _ModelSource(name)
         else:
-            src = _FileSource(self.model, source, keep_in_memory, root)
+            src = source if isinstance(source, _FileSource) else self.prepare(source, keep_in_memory=keep_in_memory,
+                                                                               root=root, max_bytes=max_bytes)
+            src.wrap(self.model)
         if name in self._sources:
             self.remove(name)
         self._sources[name] = src
+
+    def prepare(self, source: Any, *, keep_in_memory: bool = False, root: str | os.PathLike | None = None,
+                max_bytes: int | None = None) -> _FileSource:
+        """Read and check an adapter against the model without changing anything: the slow,
+        untrusted part of add(), which may run on another thread than the model's (the server's
+        file threads). Pass the result to add()."""
+        return _FileSource(self.model, source, keep_in_memory, root, max_bytes)
 
     def remove(self, name: str) -> None:
         """Forget adapter `name` (evicting it if resident)."""
@@ -241,8 +266,15 @@ class AdapterBank:
 
     def _shrink(self) -> None:
         """Size every layer's slots for the largest rank still resident there (a layer no resident
-        adapter touches drops its slots), then hand freed memory back to the OS."""
+        adapter touches drops its slots) and the stacks for the slots still in use, then hand
+        freed memory back to the OS."""
         freed = 0
+        need = max(max(self._resident.values(), default=0) + 1, 1)
+        if need <= self._n_slots // 2:  # (halving, so a bank at its capacity does not churn)
+            for st in self._stacks.values():
+                freed += st.A[need:].numel() + st.Bt[need:].numel()
+                st.A, st.Bt = st.A[:need].clone(), st.Bt[:need].clone()
+            self._n_slots = need
         for layer in list(self._stacks):
             st = self._stacks[layer]
             need = max(st.ranks.values(), default=0)
@@ -283,18 +315,18 @@ class AdapterBank:
                 self._resident.move_to_end(n)
                 continue
             used = set(self._resident.values())
-            free = [s for s in range(self._n_slots) if s not in used]
-            if not free:
-                if self.capacity is None:
-                    self._grow(self._n_slots * 2)
-                    free = [self._n_slots // 2]
-                else:
-                    victim = next(v for v in self._resident if v not in keep)
-                    free = [self._resident[victim]]
-                    self.evict(victim)
-            self._resident[n] = free[0]
+            if self.capacity is not None and len(used) >= self.capacity:  # full: the least recently used goes
+                victim = next(v for v in self._resident if v not in keep)
+                slot = self._resident[victim]
+                self.evict(victim)
+            else:
+                slot = next(s for s in itertools.count() if s not in used)
+            if slot >= self._n_slots:  # stacks hold as many slots as are in use (amortised doubling)
+                top = self.capacity if self.capacity is not None else slot + 1 + self._n_slots
+                self._grow(min(max(slot + 1, 2 * self._n_slots), top))
+            self._resident[n] = slot
             try:
-                self._fill(free[0], n)
+                self._fill(slot, n)
             except BaseException:
                 self._resident.pop(n, None)
                 raise

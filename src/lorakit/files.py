@@ -231,6 +231,8 @@ def write_dir_atomic(dest: Path, writers: dict[str, Any]) -> None:
     (a new folder) or one atomic exchange (an existing one; two renames where the system has no
     RENAME_EXCHANGE, with recovery). A kill at any instant leaves the old set of files or the new
     one, never a mix. Files others add to `dest` while the new folder is being built are lost.
+    Where the folder cannot be switched (a mount point, a parent this process may not write),
+    its files are replaced inside it instead (`_write_in_place`).
     Leftovers of killed writes are removed first.
     """
     dest = Path(os.path.realpath(dest))  # a symlinked folder: update its target, keep the link
@@ -240,8 +242,53 @@ def write_dir_atomic(dest: Path, writers: dict[str, Any]) -> None:
     exists = os.path.lexists(dest)
     if exists and not dest.is_dir():
         raise LoraError(f"{dest}: exists and is not a folder")
-    _build_and_swap(dest, lambda tmp: [_write_synced(tmp / name, write) for name, write in writers.items()],
-                    keep_others=set(writers))
+    if exists and (os.path.ismount(dest) or not os.access(dest.parent, os.W_OK | os.X_OK)):
+        _write_in_place(dest, writers)  # a mount point, or a parent this process may not write into
+        return
+    try:
+        _build_and_swap(dest, lambda tmp: [_write_synced(tmp / name, write) for name, write in writers.items()],
+                        keep_others=set(writers))
+    except OSError as e:
+        if not exists or e.errno not in _CANNOT_SWITCH:
+            raise
+        _write_in_place(dest, writers)
+
+
+_CANNOT_SWITCH = (errno.EACCES, errno.EPERM, errno.EBUSY, errno.EXDEV)
+
+
+def _write_in_place(dest: Path, writers: dict[str, Any]) -> None:
+    """When the folder itself cannot be switched, its files are: the new files are written and
+    fsynced into a staging folder inside it (`.save.tmp-{pid}-{hex}`, which also catches the
+    writers' own temporaries), and only then renamed over the old ones, in the order given. A
+    kill between two renames leaves a newer file beside an older one, with the rest of the new set
+    still staged: the caller makes that detectable and repairable (lorakit.io: the weights name
+    the hash of their config, and a read completes the interrupted save)."""
+    for e in _scandir_quiet(dest):  # what killed in-place saves staged: this save supersedes it
+        m = _LEFTOVER.match(e.name)
+        if m and e.name.startswith(".save.") and not _pid_alive(int(m["pid"])):
+            shutil.rmtree(e.path, ignore_errors=True)
+    stage = dest / f".save.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    os.mkdir(stage)
+    try:
+        for name, write in writers.items():
+            _write_synced(stage / name, write)
+        _fsync_dir(stage)
+        for name in writers:
+            os.replace(stage / name, dest / name)
+        _fsync_dir(dest)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def staged_versions(path: Path) -> list[Path]:
+    """New versions of `path` staged by in-place saves that were killed before renaming them."""
+    out = []
+    for e in _scandir_quiet(path.parent):
+        m = _LEFTOVER.match(e.name)
+        if m and e.name.startswith(".save.") and not _pid_alive(int(m["pid"])) and (Path(e.path) / path.name).is_file():
+            out.append(Path(e.path) / path.name)
+    return out
 
 
 def _build_and_swap(dest: Path, build: Any, keep_others: set[str] | None,

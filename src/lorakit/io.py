@@ -22,14 +22,14 @@ from typing import Any
 
 import torch
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save_file
+from safetensors.torch import save as save_bytes
 from torch import Tensor, nn
 
 from . import kinds
 from .adapters import delete_adapter
 from .config import LoraConfig, changes_base, matches
-from .errors import AdapterFileError, LoraError, TargetError
-from .files import recover, write_dir_atomic
+from .errors import AdapterChangedError, AdapterFileError, LoraError, TargetError
+from .files import recover, staged_versions, write_dir_atomic
 from .inject import check_adapter_name, modules_to_save_paths
 from .layer import (LoraLayer, ModulesToSave, lora_layers, require_adapter, require_state, save_module, saved_modules,
                     state_of, walk, wrap)
@@ -71,6 +71,26 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
     return {k: v.cpu().contiguous() for k, v in out.items()}
 
 
+def write_weights(tensors: dict[str, Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """A safetensors file, byte-for-byte the same for the same tensors and metadata."""
+    Path(path).write_bytes(_deterministic(save_bytes(tensors, metadata=metadata)))
+
+
+def _deterministic(data: bytes) -> bytes:
+    """A safetensors file with its metadata keys in sorted order: safetensors writes them from a
+    hash map, so two saves of one adapter would differ in bytes (and in digest) otherwise. The
+    header keeps its length, so every tensor stays where it was."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    meta = header.pop("__metadata__", None)
+    if not meta:
+        return data
+    text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":")).encode()
+    if len(text) > n:  # pragma: no cover - a header safetensors wrote otherwise than compact JSON
+        return data
+    return data[:8] + text + b" " * (n - len(text)) + data[8 + n:]
+
+
 def _base_name(model: nn.Module) -> str | None:
     cfg = getattr(model, "config", None)
     return getattr(cfg, "_name_or_path", None) or getattr(cfg, "name_or_path", None) or None
@@ -87,10 +107,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     config = state.configs[adapter]
     meta = config.to_peft()
     meta["base_model_name_or_path"] = base_model_name_or_path or config.base_model_name_or_path or _base_name(model)
+    config_bytes = json.dumps(meta, indent=2, sort_keys=True, default=list).encode()
+    # the weights name their config: a pair torn by a kill (in-place saves only) is detected and completed
+    paired = {"format": "pt", PAIR_KEY: hashlib.sha256(config_bytes).hexdigest()}
     dest = Path(path)
     write_dir_atomic(dest, {
-        WEIGHTS_NAME: lambda p: save_file(tensors, str(p), metadata={"format": "pt"}),
-        CONFIG_NAME: lambda p: p.write_text(json.dumps(meta, indent=2, sort_keys=True, default=list)),
+        WEIGHTS_NAME: lambda p: write_weights(tensors, p, paired),
+        CONFIG_NAME: lambda p: p.write_bytes(config_bytes),
     })
     return dest
 
@@ -151,13 +174,14 @@ def _inside(path: Path, root: Path | None) -> bool:
 
 
 def read_adapter_files(path: str | os.PathLike, *, root: str | os.PathLike | None = None,
-                       max_bytes: int | None = None) -> AdapterFiles:
+                       max_bytes: int | None = None, expected_digest: str | None = None) -> AdapterFiles:
     """Read and check an adapter folder's two files, each file's bytes once. Never unpickles.
 
     `root`: the folder and both files must resolve (symlinks followed) inside it, else
-    AdapterFileError. `max_bytes`: a larger weights file is refused before it is read. The files
-    are opened through one handle on the folder, so a concurrent save (which swaps the folder)
-    yields the old pair or the new one, never a mix.
+    AdapterFileError. `max_bytes`: a larger weights file is refused before it is read.
+    `expected_digest`: bytes that hash otherwise are refused (AdapterChangedError) before they are
+    parsed. The files are opened through one handle on the folder, so a concurrent save (which
+    swaps the folder) yields the old pair or the new one, never a mix.
     """
     text = _user_path(path, "adapter folder")
     root_path = None
@@ -173,15 +197,58 @@ def read_adapter_files(path: str | os.PathLike, *, root: str | os.PathLike | Non
         absolute = Path(os.path.abspath(text))
         if _inside(Path(os.path.realpath(absolute.parent)), root_path):
             recover(absolute)
+    paired_ok = False
     for _ in range(5):
         try:
-            return _read_once(shown, root_path, max_bytes)
+            return _read_once(shown, root_path, max_bytes, expected_digest, paired_ok)
         except _Moved:
             continue
+        except _Torn as torn:
+            _complete_save(torn.folder, torn.config_sha)
+            paired_ok = True  # completed; or no staged config: the config was edited since (read as it is)
     raise AdapterFileError(f"{shown}: kept changing while being read (a save in progress?); try again")
 
 
-def _read_once(shown: Path, root: Path | None, max_bytes: int | None) -> AdapterFiles:
+class _Torn(Exception):
+    """The weights name another config than the one beside them: an in-place save killed between
+    its two renames (completed from the config it staged), or a config edited by hand since the
+    save (read as it is: no staged config matches)."""
+
+    def __init__(self, folder: Path, config_sha: str):
+        self.folder, self.config_sha = folder, config_sha
+
+
+PAIR_KEY = "lorakit_config_sha256"  # in the weights file's metadata: the hash of the config saved with them
+
+
+def _weights_metadata(weights: bytes) -> dict[str, str]:
+    """The `__metadata__` of a safetensors file's header ({} if none or unreadable: the full
+    parse reports a bad file)."""
+    try:
+        n = int.from_bytes(weights[:8], "little")
+        if n > min(len(weights) - 8, 100 << 20):
+            return {}
+        meta = json.loads(weights[8:8 + n]).get("__metadata__") or {}
+        return meta if isinstance(meta, dict) else {}
+    except (ValueError, UnicodeDecodeError, AttributeError, RecursionError):
+        return {}
+
+
+def _complete_save(folder: Path, config_sha: str) -> bool:
+    """Finish an in-place save killed between its renames: its new config, staged beside the old
+    one, is renamed into place (found by the hash the new weights name). False if it is gone."""
+    for staged in staged_versions(folder / CONFIG_NAME):
+        try:
+            if staged.stat().st_size <= MAX_CONFIG_BYTES and hashlib.sha256(staged.read_bytes()).hexdigest() == config_sha:
+                os.replace(staged, folder / CONFIG_NAME)
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _read_once(shown: Path, root: Path | None, max_bytes: int | None, expected: str | None = None,
+               paired_ok: bool = False) -> AdapterFiles:
     try:
         folder = shown.resolve(strict=True)
         dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
@@ -205,7 +272,7 @@ def _read_once(shown: Path, root: Path | None, max_bytes: int | None) -> Adapter
                 raise AdapterFileError(
                     f"{shown}: only {PICKLE_NAME} (a pickle file) is there, and lorakit never loads "
                     "pickle: it can run arbitrary code. Convert it once, where you trust the file: "
-                    f"python -c \"import torch; from safetensors.torch import save_file; "
+                    f"python -c \"import torch; from safetensors.torch import save as save_bytes; "
                     f"save_file(torch.load('{PICKLE_NAME}', weights_only=True), '{WEIGHTS_NAME}')\""
                 )
             raise AdapterFileError(f"{shown}: {WEIGHTS_NAME} is missing")
@@ -228,10 +295,17 @@ def _read_once(shown: Path, root: Path | None, max_bytes: int | None) -> Adapter
             os.close(fd)
         os.close(dfd)
     config_bytes, weights_bytes = data[CONFIG_NAME], data[WEIGHTS_NAME]
+    paired = _weights_metadata(weights_bytes).get(PAIR_KEY)
+    if not paired_ok and paired is not None and paired != hashlib.sha256(config_bytes).hexdigest():
+        raise _Torn(folder, paired)
     digest = hashlib.sha256()
     for part in (config_bytes, weights_bytes):
         digest.update(len(part).to_bytes(8, "big"))
         digest.update(part)
+    if expected is not None and digest.hexdigest() != expected:
+        raise AdapterChangedError(
+            f"{shown}: the adapter's files changed since they were checked and registered (sha256 {expected[:12]}... "
+            f"now {digest.hexdigest()[:12]}...); they are not read until the adapter is registered again")
     config, tensors = _parse(shown, config_bytes, weights_bytes)
     return AdapterFiles(folder, config, tensors, digest.hexdigest())
 
@@ -328,6 +402,7 @@ class AdapterPlan:
     biases: dict[str, Tensor]  # parameter name in the wrapped model -> value
     base_weights: dict[str, Tensor]  # module path -> full base weight (PEFT's save_embedding_layers)
     extras: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # path -> the variant's tensors by suffix
+    keys: dict[str, tuple[str, str]] = field(default_factory=dict)  # module path -> file keys of A and B
     alphas: dict[str, float] = field(default_factory=dict)  # module path -> alpha (alpha_pattern applied)
 
 
@@ -386,6 +461,7 @@ def _plan_checked(model: nn.Module, config: LoraConfig, tensors: dict[str, Tenso
         raise AdapterFileError(f"{source}: unexpected key {key!r} for a LoRA adapter of {type(model).__name__}")
 
     lora: dict[str, tuple[Tensor, Tensor]] = {}
+    keys: dict[str, tuple[str, str]] = {}
     for path, pair in pairs.items():
         for need in ("A", "B"):
             if need not in pair:
@@ -415,6 +491,7 @@ def _plan_checked(model: nn.Module, config: LoraConfig, tensors: dict[str, Tenso
                 f"{source}: {ka!r} has rank {r} but the config says r={config.rank_for(path)} for {path}"
             )
         lora[path] = (A.reshape(r, -1), B.reshape(B.shape[0], r))
+        keys[path] = (ka, kb)
         if changes_base(config.init) and (kind.channel_dim != -1 or not kind.linear_like):
             raise AdapterFileError(f"{source}: init_lora_weights={config.init!r} on {path}, a {kind.name} layer")
         for suffix in variant.file_keys:
@@ -476,7 +553,7 @@ def _plan_checked(model: nn.Module, config: LoraConfig, tensors: dict[str, Tenso
             stray = sorted(set(lora) - set(covered))
             warnings.warn(f"{source}: layers {stray[:5]} have weights but are not in target_modules; "
                           "lorakit loads them, PEFT would not", stacklevel=3)
-    return AdapterPlan(lora, {p: sd for p, sd in saved.items() if sd}, biases, base_weights, extras)
+    return AdapterPlan(lora, {p: sd for p, sd in saved.items() if sd}, biases, base_weights, extras, keys=keys)
 
 
 CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")

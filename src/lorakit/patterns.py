@@ -119,7 +119,7 @@ def _dialect_problem(source: str) -> str | None:
     return None
 
 
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=16384)
 def _compiled(source: str) -> "regex.Pattern[str]":
     """Check `source` once and compile it for the `regex` engine (cached; raises on a bad one).
 

@@ -42,7 +42,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated Host header names answered (default: the bound address and localhost; "
                         "'*' for any). Blocks DNS rebinding")
     g.add_argument("--max-queue", type=int, default=256, help="requests waiting for a batch before 429 (default 256)")
+    g.add_argument("--max-connections", type=int, default=1024,
+                   help="open connections at once; beyond, 503 (default 1024)")
+    g.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers (default 10)")
     g.add_argument("--max-body-bytes", type=int, default=4 << 20, help="largest request body (default 4 MiB)")
+    g.add_argument("--max-pending-bytes", type=int, default=64 << 20,
+                   help="request bodies still arriving, all connections together; beyond, 503 (default 64 MiB)")
     g.add_argument("--max-request-tokens", type=int, default=16384,
                    help="(prompt + max_tokens) x n summed over a request's prompts (default 16384)")
     g.add_argument("--max-prompt-chars", type=int, default=None,
@@ -66,15 +72,22 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     if args.max_resident < 1:
         raise LoraError(f"--max-resident must be at least 1, got {args.max_resident}")
-    for flag in ("max_queue", "max_body_bytes", "max_request_tokens", "max_adapter_bytes"):
+    for flag in ("max_queue", "max_body_bytes", "max_request_tokens", "max_adapter_bytes", "max_connections",
+                 "max_pending_bytes"):
         if getattr(args, flag) < 1:
             raise LoraError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     if args.request_timeout <= 0:
         raise LoraError(f"--request-timeout must be positive, got {args.request_timeout}")
     hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
+    for flag, env in (("api_key", "LORAKIT_API_KEY"), ("admin_key", "LORAKIT_ADMIN_KEY")):
+        key = getattr(args, flag) or os.environ.get(env) or ""
+        if key and not (key.isascii() and key.isprintable() and " " not in key):
+            raise LoraError(f"--{flag.replace('_', '-')} / {env}: use printable ASCII without spaces (what an "
+                            "Authorization header can carry)")
     limits = Limits(api_key=args.api_key or os.environ.get("LORAKIT_API_KEY") or None,
                     admin_key=args.admin_key or os.environ.get("LORAKIT_ADMIN_KEY") or None,
                     allowed_hosts=allowed_hosts_for(args.host, hosts), max_body_bytes=args.max_body_bytes,
+                    max_pending_bytes=args.max_pending_bytes,
                     max_request_tokens=args.max_request_tokens, max_prompt_chars=args.max_prompt_chars,
                     request_timeout=args.request_timeout)
     model, adapters = args.model, args.adapters
@@ -85,5 +98,6 @@ def run(args: argparse.Namespace) -> int:
     serve(model, adapters, host=args.host, port=args.port, max_resident=args.max_resident, device=args.device,
           dtype=args.dtype, wait_ms=args.wait_ms, max_batch=args.max_batch, log_level=args.log_level,
           continuous=not args.static_batching, limits=limits, max_queue=args.max_queue,
-          max_adapter_bytes=args.max_adapter_bytes, base_name=args.served_model_name)
+          max_adapter_bytes=args.max_adapter_bytes, base_name=args.served_model_name,
+          max_connections=args.max_connections, header_timeout=args.header_timeout)
     return 0

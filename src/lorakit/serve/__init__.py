@@ -7,6 +7,7 @@
 import ipaddress
 import sys
 
+from . import listener
 from .app import Limits, allowed_hosts_for, create_app
 from .engine import Engine, ServeError
 
@@ -23,11 +24,10 @@ def is_loopback(host: str) -> bool:
 def serve(model: str, adapters: str | None, *, host: str = "127.0.0.1", port: int = 8000,
           max_resident: int = 8, device: str = "cpu", dtype: str = "auto", wait_ms: float = 5.0,
           max_batch: int = 32, log_level: str = "info", continuous: bool = True, limits: Limits | None = None,
-          max_queue: int = 256, max_adapter_bytes: int | None = 2 << 30, base_name: str | None = None) -> None:
+          max_queue: int = 256, max_adapter_bytes: int | None = 2 << 30, base_name: str | None = None,
+          max_connections: int = 1024, header_timeout: float = 10.0) -> None:
     """Load the base once, register the adapters, and serve until interrupted (SIGINT/SIGTERM:
     requests still running get an error within a few seconds)."""
-    import uvicorn
-
     limits = limits or Limits(allowed_hosts=allowed_hosts_for(host))
     if not is_loopback(host) and not limits.api_key:
         print(f"lorakit serve: WARNING: listening on {host} without --api-key: anyone who reaches this port can "
@@ -42,8 +42,8 @@ def serve(model: str, adapters: str | None, *, host: str = "127.0.0.1", port: in
         print("  the base's classification head is untrained: /v1/classify answers for the adapters, "
               "each with its own head and labels", flush=True)
     try:
-        uvicorn.run(create_app(engine, limits), host=host, port=port, log_level=log_level,
-                    timeout_graceful_shutdown=5)
+        listener.run(create_app(engine, limits), host=host, port=port, log_level=log_level,
+                 max_connections=max_connections, header_timeout=header_timeout)
     finally:
         engine.close()
 

@@ -51,6 +51,7 @@ class Limits:
     admin_key: str | None = None  # POST/DELETE /v1/adapters need this one (else api_key)
     allowed_hosts: list[str] = field(default_factory=lambda: list(LOOPBACK))  # "*": any Host header
     max_body_bytes: int = 4 << 20
+    max_pending_bytes: int = 64 << 20  # bodies still arriving, all connections together
     body_timeout: float = 30.0  # seconds for the whole body to arrive
     max_prompt_chars: int | None = None  # per prompt or message list; None: 32 x context, >= 4096
     max_choices: int = 64  # prompts x n in one request
@@ -89,6 +90,7 @@ class Guard:
     def __init__(self, app: Any, limits: Limits):
         self.app, self.limits, self.state = app, limits, app.state
         self.hosts = {h.lower() for h in limits.allowed_hosts}
+        self.pending = 0  # body bytes received by requests not yet handed to the app
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -119,6 +121,13 @@ class Guard:
         if "*" not in self.hosts and _host_name(headers.get("host", "")) not in self.hosts:
             return _error(400, "this server does not answer to that Host header (see --allowed-hosts)", "invalid_host")
         path, method = scope.get("path", ""), scope.get("method", "GET")
+        # a page in a browser (cross-site request forgery, DNS rebinding): refused whatever the key
+        origin = headers.get("origin")
+        foreign = origin is not None and (origin == "null" or (
+            "*" not in self.hosts and _host_name(origin.split("://", 1)[-1]) not in self.hosts))
+        if foreign or headers.get("sec-fetch-site") == "cross-site":
+            return _error(403, "requests from web pages of other sites are refused (Origin / Sec-Fetch-Site)",
+                          "cross_origin")
         if path == "/health":
             return None
         admin = self.limits.admin_key and path.startswith(ADMIN_PATHS) and method in ("POST", "DELETE")
@@ -133,29 +142,41 @@ class Guard:
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limits.max_body_bytes):
             return _error(413, f"request body over {self.limits.max_body_bytes} bytes", "body_too_large")
+        if method in ("POST", "PUT", "PATCH") and headers.get("content-type", "").split(";")[0].strip().lower() != \
+                "application/json":  # (a form or text/plain post is what a web page can send without asking)
+            return _error(415, "the body must be JSON, sent with 'Content-Type: application/json'", "unsupported_media_type")
         return None
 
     async def _body(self, scope: dict, receive: Callable) -> tuple[bytes, Response | None]:
-        """The whole body, at most max_body_bytes, within body_timeout seconds."""
+        """The whole body, at most max_body_bytes, within body_timeout seconds; bodies still
+        arriving hold at most max_pending_bytes in all (beyond: 503), so connections that stall
+        mid-body cannot pile up memory."""
         if scope.get("method") in ("GET", "HEAD", "OPTIONS"):
             return b"", None
         chunks, size = [], 0
         deadline = time.monotonic() + self.limits.body_timeout
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
-            except asyncio.TimeoutError:
-                return b"", _error(408, f"the request body did not arrive within {self.limits.body_timeout:g} s",
-                                   "body_timeout")
-            if message["type"] == "http.disconnect":
-                return b"", Response(status_code=499)
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.limits.max_body_bytes:
-                return b"", _error(413, f"request body over {self.limits.max_body_bytes} bytes", "body_too_large")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks), None
+        try:
+            while True:
+                try:
+                    message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.001))
+                except asyncio.TimeoutError:
+                    return b"", _error(408, f"the request body did not arrive within {self.limits.body_timeout:g} s",
+                                       "body_timeout")
+                if message["type"] == "http.disconnect":
+                    return b"", Response(status_code=499)
+                chunk = message.get("body", b"")
+                size += len(chunk)
+                self.pending += len(chunk)
+                if size > self.limits.max_body_bytes:
+                    return b"", _error(413, f"request body over {self.limits.max_body_bytes} bytes", "body_too_large")
+                if self.pending > self.limits.max_pending_bytes:
+                    return b"", _error(503, "the server is busy receiving other requests; retry shortly", "busy",
+                                       headers={"Retry-After": "1"})
+                chunks.append(chunk)
+                if not message.get("more_body", False):
+                    return b"".join(chunks), None
+        finally:
+            self.pending -= size
 
 
 def _host_name(host: str) -> str:
@@ -480,7 +501,7 @@ def _sampling(body: _Sampling, engine: Engine) -> dict:
         raise ServeError("stop: at most 4 strings of at most 256 characters", 400)
     bias: dict[int, float] = {}
     for k, v in (body.logit_bias or {}).items():
-        if not k.isdigit() or int(k) >= engine.vocab or not -100 <= v <= 100:
+        if not (k.isascii() and k.isdigit() and len(k) <= 9) or int(k) >= engine.vocab or not -100 <= v <= 100:
             raise ServeError(f"logit_bias: keys are token ids below {engine.vocab}, values in [-100, 100]; "
                              f"got {k[:20]!r}: {v}", 400)
         bias[int(k)] = float(v)
@@ -537,6 +558,25 @@ def _text(content: Any) -> str:
     return content or ""
 
 
+def _offsets(engine: Engine, prompts: list[str], encoded: list[list[int]]) -> list[list[int]]:
+    """Where each prompt token starts in its prompt's text (fast tokenizers know; else by the
+    lengths of the tokens decoded one by one)."""
+    out = []
+    for p, ids in zip(prompts, encoded):
+        try:
+            spans = engine.tokenizer(p, return_offsets_mapping=True)["offset_mapping"]
+            if len(spans) != len(ids):
+                raise ValueError
+            out.append([start for start, _ in spans])
+        except (NotImplementedError, ValueError, KeyError, TypeError):
+            starts, pos = [], 0
+            for t in ids:
+                starts.append(pos)
+                pos += len(engine.tokenizer.decode([t]))
+            out.append(starts)
+    return out
+
+
 def _tokenize(engine: Engine, prompts: list[str], chat: bool) -> list[list[int]]:
     return [engine.tokenizer(p, add_special_tokens=not chat)["input_ids"] for p in prompts]
 
@@ -575,7 +615,8 @@ async def _generate(request: Request, g: _Gen) -> Any:
             for i, ids in enumerate(encoded)]
     engine.enqueue(reqs)
     engine.metrics["prompt_tokens"] += sum(len(e) for e in encoded) * g.n
-    answer = _Answer(g, encoded, engine)
+    offsets = await _run(request, "cpu", _offsets, engine, g.prompts, encoded) if prompt_lp else None
+    answer = _Answer(g, encoded, engine, offsets)
     try:
         if g.stream:  # the first event before the 200: an adapter that fails to load is a real status
             first = await _watched(request, engine, reqs, deadline, s.queue.get())
@@ -593,8 +634,9 @@ async def _generate(request: Request, g: _Gen) -> Any:
 class _Answer:
     """The choices of one generation request, built from the engine's events."""
 
-    def __init__(self, g: _Gen, encoded: list[list[int]], engine: Engine):
+    def __init__(self, g: _Gen, encoded: list[list[int]], engine: Engine, prompt_offsets: list[list[int]] | None = None):
         self.g, self.engine, self.n = g, engine, len(encoded) * g.n
+        self.prompt_offsets = prompt_offsets or [[] for _ in encoded]
         self.id = f"{'chatcmpl' if g.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.texts = [g.prompts[i // g.n] if g.echo else "" for i in range(self.n)]
@@ -604,6 +646,12 @@ class _Answer:
         self.usage = {"prompt_tokens": sum(len(e) for e in encoded) * g.n, "completion_tokens": 0}
         self.finished = 0
         self.early: list[tuple[str, Any]] = []  # events taken off the queue before the stream began
+
+    def with_offsets(self, pi: int, entries: list[dict]) -> list[dict]:
+        """The prompt's token entries with where each token starts in the prompt's text."""
+        for e, start in zip(entries, self.prompt_offsets[pi]):
+            e["offset"], e["prompt"] = start, True
+        return entries
 
     async def next_event(self, s: _Stream) -> tuple[str, Any]:
         return self.early.pop(0) if self.early else await s.queue.get()
@@ -615,7 +663,7 @@ class _Answer:
             if event == "error":
                 raise payload
             if event == "prompt_logprobs":
-                self.prompt_entries[pi] = payload
+                self.prompt_entries[pi] = self.with_offsets(pi, payload)
                 continue
             idx = pi * self.g.n + payload[0]
             if event == "finish":
@@ -636,15 +684,14 @@ class _Answer:
         if with_prompt and self.g.echo:
             entries = self.prompt_entries.get(idx // self.g.n, []) + entries
         if self.g.chat:
-            return {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": list(e["token"].encode()),
-                                 "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())}
-                                                  for t, v in e["top"]]} for e in entries]}
-        offsets, pos = [], offset
-        for e in entries:
-            offsets.append(pos)
-            pos += len(e["token"])
+            return {"content": [{"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"],
+                                 "top_logprobs": [{"token": t, "logprob": v, "bytes": b} for t, v, b in e["top"]]}
+                                for e in entries]}
+        # text_offset: where each token starts in the choice's text (after the echoed prompt)
+        shift = len(self.g.prompts[idx // self.g.n]) if self.g.echo else 0
+        offsets = [e["offset"] + (0 if e.get("prompt") else shift) if "offset" in e else None for e in entries]
         return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [dict(e["top"]) if e["logprob"] is not None else None for e in entries],
+                "top_logprobs": [{t: v for t, v, _ in e["top"]} if e["logprob"] is not None else None for e in entries],
                 "text_offset": offsets}
 
     def body(self) -> dict:
@@ -703,7 +750,7 @@ async def _sse(answer: _Answer, s: _Stream, engine: Engine, reqs: list, deadline
                     if event != "prompt_logprobs":  # not expected first; keep it for the loop below
                         answer.early.insert(0, (event, (pi, payload)))
                         break
-                    answer.prompt_entries[pi] = payload
+                    answer.prompt_entries[pi] = answer.with_offsets(pi, payload)
             for i in range(answer.n):
                 yield answer.chunk(i, answer.texts[i], None, [], first=True)
         events = answer.events(s).__aiter__()

@@ -105,15 +105,20 @@ def _is_adapter_dir(p: Path) -> bool:
 
 
 def _adapter_tasks(root: Path | None) -> set[str]:
-    """PEFT task_type of the adapters in `root` (a bare base model does not say what it serves)."""
+    """PEFT task_type of the adapters in `root` (a bare base model does not say what it serves).
+    Read as the adapters themselves are: only folders and configs that resolve inside the root,
+    configs of at most 1 MiB."""
     tasks: set[str] = set()
-    if root is not None and root.is_dir():
-        for sub in root.iterdir():
-            if _is_adapter_dir(sub):
-                try:
-                    tasks.add(str(json.loads((sub / CONFIG_NAME).read_text()).get("task_type")))
-                except (OSError, ValueError, AttributeError):
-                    pass  # reported when it is registered
+    if root is None or not root.is_dir():
+        return tasks
+    for sub in root.iterdir():
+        try:
+            cfg = (sub / CONFIG_NAME).resolve(strict=True)
+            if not _is_adapter_dir(sub) or root not in cfg.parents or cfg.stat().st_size > 1 << 20:
+                continue
+            tasks.add(str(json.loads(cfg.read_bytes()).get("task_type")))
+        except (OSError, ValueError, AttributeError, RuntimeError):
+            pass  # reported when it is registered
     return tasks
 
 
@@ -179,6 +184,8 @@ class Engine:
         self.max_batch_tokens = max_batch_tokens  # padded prompt tokens in one prefill (memory bound)
         self.max_adapter_bytes = max_adapter_bytes
         self.vocab = int(getattr(config, "vocab_size", 0) or len(self.tokenizer))
+        decoder = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "decoder", None)
+        self._byte_level = "ByteLevel" in type(decoder).__name__ or "ByteLevel" in repr(decoder)
         self.continuous = continuous  # False: a generation batch runs to its end before others start
         self.context = (getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
                         or min(getattr(self.tokenizer, "model_max_length", 2048), 1 << 20))
@@ -219,7 +226,7 @@ class Engine:
                     try:
                         if sub.name == self.base_name:
                             raise LoraError("the folder has the base model's name")
-                        self._register(sub.name, *self.read_adapter(sub))
+                        self._register(sub.name, *self.check_adapter(sub))
                     except LoraError as e:
                         log.warning("skipping adapter %s: %s", sub.name, e)
         self._worker = threading.Thread(target=self._run, name="lorakit-serve-worker", daemon=True)
@@ -238,11 +245,11 @@ class Engine:
             key = self._registry.get(model)
             return self._labels.get(key) if key is not None else None
 
-    def _register(self, name: str, files: Any, labels: list[str] | None) -> None:
-        """Worker thread (or before it starts): check against the model + register; the old
-        version stays until unpinned. `files`: what read_adapter() read and hashed."""
+    def _register(self, name: str, checked: Any, labels: list[str] | None) -> None:
+        """Worker thread (or before it starts): register what check_adapter() read and checked
+        (this only wraps the layers it needs); the old version stays until unpinned."""
         key = f"{name}#{next(self._gen)}"
-        self.bank.add(key, files, root=self.root)  # all checks first: raises without touching the current version
+        self.bank.add(key, checked)
         with self._lock:
             self._labels[key] = labels
             old = self._registry.get(name)
@@ -250,6 +257,10 @@ class Engine:
             if old is not None:
                 self._doomed.add(old)
         self._purge()
+
+    def redact(self, message: str) -> str:
+        """A message for a client: the adapters folder's place on the server's disk left out."""
+        return message.replace(str(self.root), "<adapters>") if self.root is not None else message
 
     def check_name(self, name: str) -> None:
         try:
@@ -272,17 +283,19 @@ class Engine:
         except (OSError, ValueError, RuntimeError):  # symlink loops, names the OS refuses
             raise ServeError(f"adapter path {_short(path)}: cannot be resolved", 400) from None
         if p != self.root and self.root not in p.parents:
-            raise ServeError(f"adapter path {_short(path)} is outside the adapters folder {self.root}", 400)
+            raise ServeError(f"adapter path {_short(path)} is outside the adapters folder", 400)
         if not _is_adapter_dir(p):
             raise ServeError(f"adapter path {_short(path)}: not an adapter folder ({CONFIG_NAME} + {WEIGHTS_NAME})", 400)
         return p
 
-    def read_adapter(self, folder: Path) -> tuple[Any, list[str] | None]:
-        """Read, hash and check an adapter folder's files (confined to the root) and its class
-        names: file work done by the calling thread, never the event loop or the worker."""
+    def check_adapter(self, folder: Path) -> tuple[Any, list[str] | None]:
+        """Read and hash an adapter folder's files (confined to the root), check them against the
+        model (keys, shapes, every pattern of its config, in bounded time) and read its class
+        names: all of it on the calling thread, never the event loop or the worker, so a slow or
+        hostile adapter never stalls generation. The model is only read here."""
         files = read_adapter_files(folder, root=self.root, max_bytes=self.max_adapter_bytes)
         labels = self._adapter_labels(files) if self.task == "classify" else None
-        return files, labels
+        return self.bank.prepare(files, root=self.root, max_bytes=self.max_adapter_bytes), labels
 
     def load_adapter(self, name: str, path: str, replace: bool = False, timeout: float = 600.0) -> None:
         """Register adapter `name` from `path` (inside the adapters root); blocking, for a thread
@@ -299,17 +312,17 @@ class Engine:
         try:
             folder = self.resolve_path(path)
             try:
-                files, labels = self.read_adapter(folder)
+                checked, labels = self.check_adapter(folder)
             except LoraError as e:
-                raise ServeError(f"adapter {name!r} was not loaded (any previous version keeps serving): {e}", 400,
-                                 "adapter_load_failed") from None
+                raise ServeError(f"adapter {name!r} was not loaded (any previous version keeps serving): "
+                                 f"{self.redact(str(e))}", 400, "adapter_load_failed") from None
             done, result = threading.Event(), []
 
             def emit(event: str, payload: Any) -> None:
                 result.append((event, payload))
                 done.set()
 
-            self.submit(Control(lambda: self._register(name, files, labels), emit))
+            self.submit(Control(lambda: self._register(name, checked, labels), emit))
             if not done.wait(timeout):
                 raise ServeError("the adapter load did not finish in time", 503, "timeout")
             event, payload = result[0]
@@ -318,7 +331,7 @@ class Engine:
                     raise payload
                 if isinstance(payload, LoraError):
                     raise ServeError(f"adapter {name!r} was not loaded (any previous version keeps serving): "
-                                     f"{payload}", 400, "adapter_load_failed")
+                                     f"{self.redact(str(payload))}", 400, "adapter_load_failed")
                 raise payload
         finally:
             with self._lock:
@@ -404,6 +417,11 @@ class Engine:
     def enqueue(self, reqs: list[GenRequest | ClassifyRequest]) -> None:
         """Submit a request's items, or refuse them all with 429 when max_queue are waiting
         already (their pins are released)."""
+        if len(reqs) > self.max_queue:  # would never fit, however long the client waits
+            for r in reqs:
+                self.release(r.key)
+                r.closed = True
+            raise ServeError(f"the request has {len(reqs)} prompts; this server queues at most {self.max_queue}", 400)
         if self.queue_depth() + len(reqs) > self.max_queue:
             for r in reqs:
                 self.release(r.key)
@@ -658,11 +676,13 @@ class Engine:
         take, rest = self._fit(reqs, {r.req.key for r in live}, len(live))
         self._defer(rest)
         take = self._preload(take, {r.req.key for r in live})
-        for r in [r for r in take if r.max_tokens <= 0 and not r.prompt_logprobs]:  # nothing to compute
+        for r in [r for r in take if r.prompt_logprobs]:  # echo with logprobs: the prompt scored first
+            self._guarded([r], lambda r=r: self._score(r))
+        for r in [r for r in take if r.max_tokens <= 0 and not r.closed]:  # nothing to generate
             for c in range(r.n):
                 _emit(r, "finish", (c, "length", 0))
             self._close(r)
-        take = [r for r in take if r.max_tokens > 0 or r.prompt_logprobs]
+        take = [r for r in take if r.max_tokens > 0 and not r.closed]
         if take:
             self._guarded(take, lambda: self._prefill(take))
 
@@ -692,15 +712,9 @@ class Engine:
             ids[i, L - len(r.req.prompt_ids):] = torch.tensor(r.req.prompt_ids)
             mask[i, L - len(r.req.prompt_ids):] = 1
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
-        full = any(r.prompt_logprobs for r in reqs)
-        cache, logits, every = self._forward(ids, mask, pos, rows, full=full)
+        cache, logits, _ = self._forward(ids, mask, pos, rows)
         self.metrics["batches"] += 1
         self.metrics["batch_rows"] += B
-        if full:
-            for i, r in enumerate(rows):
-                if r.req.prompt_logprobs and r.choice == 0:
-                    _emit(r.req, "prompt_logprobs", self._prompt_logprobs(every[i], r.req))
-            del every
         new = _Running(rows, cache, mask, pos[:, -1:] + 1, self._choose(logits, rows))
         new.settle(self)
         if all(r.done for r in new.rows):
@@ -710,6 +724,16 @@ class Engine:
         else:
             self._running = self._running.join(new)
             self.metrics["rows_joined"] += len(new.rows)
+
+    def _score(self, req: GenRequest) -> None:
+        """The prompt's own token logprobs (echo with logprobs), in a forward of that prompt alone
+        with every position's logits: one prompt's tokens x vocab at a time (the app caps it),
+        whatever its n or the batch it joins."""
+        ids = torch.tensor([req.prompt_ids])
+        mask = torch.ones_like(ids)
+        _, _, every = self._forward(ids, mask, torch.arange(ids.shape[1])[None], [_Row(req, 0, None)], full=True,
+                                    cache=False)
+        _emit(req, "prompt_logprobs", self._prompt_logprobs(every[0], req))
 
     def _decode_step(self) -> None:
         run = self._running
@@ -723,9 +747,11 @@ class Engine:
     def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, rows: list[_Row],
                  cache: Any = None, full: bool = False) -> tuple[Any, torch.Tensor, torch.Tensor | None]:
         """One forward of the rows' tokens (each row through its own adapter): the KV cache, the
-        last position's logits (B, vocab) and, with `full`, every position's (B, L, vocab)."""
-        kw = {"attention_mask": mask.to(self.device), "use_cache": True, **({} if full else self._last_only)}
-        if cache is not None:
+        last position's logits (B, vocab) and, with `full`, every position's (B, L, vocab).
+        cache: the running cache, None (start one) or False (no cache: scoring only)."""
+        kw = {"attention_mask": mask.to(self.device), "use_cache": cache is not False,
+              **({} if full else self._last_only)}
+        if cache is not None and cache is not False:
             kw[self._cache_kw] = cache
         if self._pos_ids:
             kw["position_ids"] = pos.to(self.device)
@@ -745,12 +771,29 @@ class Engine:
         return out
 
     def _entry(self, tok: int, logp: torch.Tensor, k: int) -> dict:
-        """One token's logprob and the k most likely tokens at that step."""
+        """One token's logprob and the k most likely tokens at that step, with their bytes."""
         top = []
         if k:
             vals, idx = logp.topk(min(k, logp.shape[-1]))
-            top = [(self.tokenizer.decode([int(i)]), float(v)) for v, i in zip(vals.tolist(), idx.tolist())]
-        return {"id": int(tok), "token": self.tokenizer.decode([int(tok)]), "logprob": float(logp[tok]), "top": top}
+            top = [(self.tokenizer.decode([int(i)]), float(v), self.token_bytes(int(i)))
+                   for v, i in zip(vals.tolist(), idx.tolist())]
+        return {"id": int(tok), "token": self.tokenizer.decode([int(tok)]), "logprob": float(logp[tok]), "top": top,
+                "bytes": self.token_bytes(int(tok))}
+
+    def token_bytes(self, tok: int) -> list[int]:
+        """The bytes a token stands for (OpenAI's `bytes`): a token that is part of a UTF-8
+        character decodes alone to U+FFFD, so the bytes come from the vocabulary itself where it
+        says them (byte-level BPE, SentencePiece byte tokens), else from the decoded text."""
+        piece = self.tokenizer.convert_ids_to_tokens(tok)
+        if isinstance(piece, str):
+            if self._byte_level and all(c in _BYTE_OF for c in piece):
+                return [_BYTE_OF[c] for c in piece]
+            if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+                try:
+                    return [int(piece[3:5], 16)]
+                except ValueError:
+                    pass
+        return list(self.tokenizer.decode([tok]).encode())
 
     def _editable(self, run: _Running) -> list | None:
         """The running batch's cache as [keys, values] per layer when rows may join and leave it."""
@@ -774,17 +817,24 @@ class Engine:
             entries = entries[:-1]  # the end-of-sequence token is not part of the answer
             text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True) if r.out_ids else ""
         else:
+            if entries and entries[-1]["id"] == tok:
+                entries[-1]["offset"] = r.text_len  # where the token's text starts in the answer
             r.out_ids.append(tok)
             text = self.tokenizer.decode(r.out_ids, skip_special_tokens=True)
+            r.text_len = len(text)
             cut = min((text.find(s) for s in req.stop if s and s in text), default=-1)
             if cut >= 0:
                 text, r.done = text[:cut], "stop"
             elif len(r.out_ids) >= req.max_tokens:
                 r.done = "length"
-        # hold back a partial UTF-8 character until it completes (or the row ends)
-        if (len(text) > len(r.sent) and (r.done or not text.endswith("\ufffd"))) or (r.done and entries):
-            _emit(req, "delta", (r.choice, text[len(r.sent):], entries or None))
-            r.sent = text
+        # hold back a partial UTF-8 character until it completes, and a tail that may be the start
+        # of a stop string until it is known not to be (text once sent cannot be taken back)
+        upto = len(text)
+        if not r.done:
+            upto = len(r.sent) if text.endswith("\ufffd") else upto - _stop_prefix(text, req.stop)
+        if upto > len(r.sent) or (r.done and entries):
+            _emit(req, "delta", (r.choice, text[len(r.sent):upto], entries or None))
+            r.sent = text[:upto]
         else:
             r.pending = entries  # reported with the text they belong to
         if r.done:
@@ -853,6 +903,7 @@ class _Row:
     sent: str = ""  # text streamed so far
     done: str | None = None  # finish reason
     pending: list[dict] = field(default_factory=list)  # logprob entries not yet sent with their text
+    text_len: int = 0  # characters of the answer decoded so far
 
 
 @dataclass
@@ -938,6 +989,26 @@ def _pad_seq(t: torch.Tensor, length: int, dim: int = 2) -> torch.Tensor:
 def _cache_of(out: Any) -> Any:
     """A forward's KV cache: `cache` in newer transformers (`past_key_values` deprecated there)."""
     return out["cache"] if "cache" in out else out.past_key_values
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet (every byte-level BPE vocabulary spells its tokens in it)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, map(chr, cs)))
+
+
+_BYTE_OF = {c: b for b, c in _bytes_to_unicode().items()}
+
+
+def _stop_prefix(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of a stop string."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
 
 
 def _short(text: str, n: int = 80) -> str:
