@@ -46,6 +46,8 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--n-adapters", type=int, default=64)
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--grad-mode", default="inference_mode", choices=["inference_mode", "no_grad"],
+                   help="what the timed forwards run under (transformers' generate uses no_grad)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     import copy
@@ -83,7 +85,8 @@ def main(argv=None) -> int:
     prompt = torch.randint(0, args.vocab, (64, 32), generator=g).to(args.device)
     step_tok = torch.randint(0, args.vocab, (64, 1), generator=g).to(args.device)
 
-    with torch.inference_mode():  # the two libraries agree on a mixed batch
+    grad_mode = torch.inference_mode if args.grad_mode == "inference_mode" else torch.no_grad
+    with grad_mode():  # the two libraries agree on a mixed batch
         check_names = [names[i % 4] for i in range(4)]
         with lk.per_row(model, check_names):
             a = model(prefill_x[:4, :16]).logits
@@ -151,6 +154,24 @@ def main(argv=None) -> int:
                     times[(phase, lib, k)].append(best)
 
     med = {key: statistics.median(v) for key, v in times.items()}
+    # the bytes a decode step with every adapter distinct must read, and how fast this machine reads
+    # them: the ratio no kernel can beat here (single step time / (single + bytes / bandwidth))
+    bank = model.__dict__["_lorakit_bank"]
+    stacks = [t for st in bank._stacks.values() for t in (st.A, st.Bt)]
+    k_max = max(k for k in (1, 16, 64) if k <= args.n_adapters)
+    nbytes = sum(t.numel() * t.element_size() for t in stacks) * k_max // max(bank._n_slots, 1)
+    big = torch.empty(nbytes // 4 + 1, dtype=torch.float32, device=args.device).normal_()
+    reads = []
+    for _ in range(5):
+        sync(args.device)
+        t0 = time.perf_counter()
+        big.sum()
+        sync(args.device)
+        reads.append(time.perf_counter() - t0)
+    bandwidth = big.numel() * 4 / min(reads)
+    single_decode = med[("decode", "lorakit", "single")]
+    ceiling = single_decode / (single_decode + nbytes / bandwidth)
+    del big
     rows = []
     for (phase, lib, k), m in med.items():
         if k in ("single", "unmerged"):
@@ -168,20 +189,24 @@ def main(argv=None) -> int:
         "config": {"layers": 4, "hidden": 768, "intermediate": 2048, "heads": 12, "vocab": args.vocab, "r": 16,
                    "targets": "all-linear", "adapters_loaded": args.n_adapters, "prefill_batch": [16, 128],
                    "decode_rows": 64, "decode_context": L, "logits_to_keep": 1, "dtype": args.dtype,
+                   "grad_mode": args.grad_mode,
                    "device": args.device, "torch_threads": torch.get_num_threads(), "reps": args.reps,
                    "rows_to_adapters": "row i -> adapter i % k (interleaved)"},
         "versions": {"torch": torch.__version__, "peft": peft.__version__, "python": platform.python_version()},
         "machine": platform.processor() or platform.machine(),
         "lorakit_vs_peft_max_abs_logit_diff": agree,
+        "decode_adapter_bytes_per_step": nbytes, "read_bandwidth_GBps": bandwidth / 1e9,
+        "decode_bandwidth_ceiling": ceiling,
         "goals": {"prefill_16_time_ratio_max": 1.03, "decode_64_throughput_ratio_min": 0.9},
         "results": rows,
         "raw_seconds": {f"{a}/{b}/{c}": v for (a, b, c), v in times.items()},
     }
     out = Path(args.out)
-    stem = "multi_adapter" if args.device == "cpu" else "multi_adapter_gpu"
+    stem = ("multi_adapter" if args.device == "cpu" else "multi_adapter_gpu") + (
+        "" if args.dtype == "float32" else f"_{args.dtype}") + ("" if args.grad_mode == "inference_mode" else "_no_grad")
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    md = [f"# Mixed-adapter batches ({args.device}, {args.dtype}, {torch.get_num_threads()} thread(s), medians of {args.reps} interleaved rounds; ratios: median of the per-round ratios)", "",
+    md = [f"# Mixed-adapter batches ({args.device}, {args.dtype}, {args.grad_mode}, {torch.get_num_threads()} thread(s), medians of {args.reps} interleaved rounds; ratios: median of the per-round ratios)", "",
           "Llama-like: 4 layers, hidden 768, intermediate 2048, vocab %d, r=16 all-linear, %d adapters loaded; row i uses adapter i %% k."
           % (args.vocab, args.n_adapters), f"lorakit and PEFT agree on a mixed batch to {agree:.1e} (max abs logit).", "",
           "lorakit's single adapter merges dW into W on the fly for prefill (2048 tokens); in brackets its mixed "
@@ -197,6 +222,10 @@ def main(argv=None) -> int:
             unm = f" [{unm:.3f}x unmerged]" if unm is not None else ""
             md.append(f"| {phase} | {k} | {r['lorakit']['ratio']:.3f}x {kind}{unm} ({r['lorakit']['median_s']*1e3:.1f} ms) "
                       f"| {r['peft']['ratio']:.3f}x ({r['peft']['median_s']*1e3:.1f} ms) | {goal} |")
+    md.append("")
+    md.append(f"A decode step with {k_max} distinct adapters reads {nbytes / 1e6:.0f} MB of adapter weights; this machine "
+              f"reads {bandwidth / 1e9:.1f} GB/s (one thread), so no kernel can exceed {ceiling:.3f}x the single "
+              "adapter's throughput here.")
     md.append("")
     md.append("Single-adapter medians: " + ", ".join(f"{ph}/{lib} {med[(ph, lib, 'single')]*1e3:.1f} ms"
                                                    for ph in ("prefill", "decode") for lib in ("lorakit", "peft"))

@@ -7,6 +7,11 @@ bounded below by floor/PEFT: this is where a goal like "0.9x PEFT's time" meets 
 "lorakit+loss" is lorakit with its fused LM-head + cross-entropy (`lorakit.train.causal_lm_loss`,
 what `lorakit train` runs on one process); "lorakit" and "peft" both call model(labels=...).loss.
 
+--dtype bfloat16: the base (and full fine-tuning) in bf16, the adapters' master weights in float32
+(both libraries' default); results in train_step_bf16.*. --compile adds "lorakit compiled" and
+"frozen compiled" (torch.compile of the model, inductor; the optimizer step stays eager): how much
+of the floor is the base's own non-matmul work that a compiler fuses away.
+
 Time per step (interleaved in one process; ratios are medians of per-round ratios) and peak
 memory above the loaded model (each variant in a fresh process: RSS high-water mark on the CPU,
 allocator peak on a GPU). Also the bytes autograd saves for backward, counted exactly with
@@ -113,7 +118,7 @@ def probe(spec: dict) -> dict:
     """In a fresh process: peak memory of 3 training steps above the loaded, injected model."""
     torch.set_num_threads(spec["threads"])
     device = spec["device"]
-    base = build_model(spec["model"], spec["size"], device=device)
+    base = build_model(spec["model"], spec["size"], device=device, dtype=getattr(torch, spec.get("dtype", "float32")))
     model, opt = make_variant(spec["lib"], base, spec["model"], spec["r"], spec["targets"], spec["dropout"])
     del base
     batch = torch.randint(0, 16000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)).to(device)
@@ -132,6 +137,8 @@ def main(argv=None) -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="llama only, r=8: a fast look")
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--compile", action="store_true", help="add compiled lorakit and frozen-floor rows (inductor)")
     ap.add_argument("--models", default=None,
                     help="comma list of llama,gpt2,smollm2 (default: llama,gpt2 on the CPU, all three on a GPU)")
     args = ap.parse_args(argv)
@@ -144,8 +151,9 @@ def main(argv=None) -> None:
     models = ["llama"] if args.quick else (args.models or default).split(",")
     ranks = [8] if args.quick else [8, 16]
     rows, raw = [], []
+    dtype = getattr(torch, args.dtype)
     for model_name in models:
-        base = build_model(model_name, size, device=args.device)
+        base = build_model(model_name, size, device=args.device, dtype=dtype)
         batch = torch.randint(0, 16000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)).to(args.device)
         full = make_variant("full", base, model_name, 8, "attention", 0.0)
         frozen = make_variant("frozen", base, model_name, 8, "attention", 0.0)
@@ -154,6 +162,11 @@ def main(argv=None) -> None:
             theirs = make_variant("peft", base, model_name, r, targets, dropout)
             fns = {"lorakit": lambda: step(*ours, batch), "peft": lambda: step(*theirs, batch),
                    "frozen": lambda: step(*frozen, batch), "lorakit+loss": lambda: fused_step(*ours, batch)}
+            if args.compile:
+                ours_c = (torch.compile(ours[0]), ours[1])
+                frozen_c = (torch.compile(frozen[0]), frozen[1])
+                fns["lorakit compiled"] = lambda: step(*ours_c, batch)
+                fns["frozen compiled"] = lambda: step(*frozen_c, batch)
             if not raw or raw[-1]["model"] != model_name:
                 fns["full"] = lambda: step(*full, batch)
             t = interleaved(fns, args.reps, warmup=1, device=args.device)
@@ -162,6 +175,12 @@ def main(argv=None) -> None:
             row = {"model": model_name, "r": r, "targets": targets, "dropout": dropout,
                    "lorakit_s": median(t["lorakit"]), "peft_s": median(t["peft"]), "full_s": full_time}
             row["frozen_s"] = median(t["frozen"])
+            if args.compile:
+                row["lorakit_compiled_s"] = median(t["lorakit compiled"])
+                row["frozen_compiled_s"] = median(t["frozen compiled"])
+                row["compiled_vs_full"] = row["lorakit_compiled_s"] / full_time
+                row["compiled_frozen_vs_full"] = row["frozen_compiled_s"] / full_time
+                row["compiled_vs_eager"] = round_ratio(t, "lorakit compiled", "lorakit")
             row["lorakit_loss_s"] = median(t["lorakit+loss"])
             row["time_vs_peft"] = round_ratio(t, "lorakit", "peft")
             row["loss_time_vs_peft"] = round_ratio(t, "lorakit+loss", "peft")
@@ -173,7 +192,7 @@ def main(argv=None) -> None:
             row["saved_MB_peft"] = saved_bytes(theirs[0], batch) / 2**20
             if not args.no_memory:
                 spec = dict(model=model_name, size=size, r=r, targets=targets, dropout=dropout,
-                            threads=args.threads, device=args.device)
+                            threads=args.threads, device=args.device, dtype=args.dtype)
                 if args.device.startswith("cuda"):  # allocator stats are exact in-process
                     mem = {lib: peak_in_process(lib, base, model_name, r, targets, dropout, batch, args.device)
                            for lib in ("lorakit", "peft", "lorakit+loss")}
@@ -199,13 +218,13 @@ def main(argv=None) -> None:
         elif not args.no_memory:
             fm = run_probe("benchmarks.bench_train", dict(model=model_name, size=size, r=8, targets="attention",
                                                           dropout=0.0, threads=args.threads, device=args.device,
-                                                          lib="full"), args.threads)["peak_bytes"]
+                                                          lib="full", dtype=args.dtype), args.threads)["peak_bytes"]
             for row in rows + raw:
                 if row["model"] == model_name:
                     row["peak_MB_full"] = fm / 2**20
         if not args.no_memory:
             spec = dict(model=model_name, size=size, r=8, targets="attention", dropout=0.0, threads=args.threads,
-                        device=args.device, lib="frozen")
+                        device=args.device, lib="frozen", dtype=args.dtype)
             if args.device.startswith("cuda"):
                 fz = peak_in_process("frozen", base, model_name, 8, "attention", 0.0, batch, args.device)
             else:
@@ -225,7 +244,11 @@ def main(argv=None) -> None:
         goals["mem<=0.8x peft (dropout>0)"] = all(r["mem_vs_peft"] <= 0.8 for r in rows if r["dropout"] > 0)
         goals["with fused loss: mem<=0.8x peft (dropout>0)"] = all(r["loss_mem_vs_peft"] <= 0.8 for r in rows
                                                                  if r["dropout"] > 0)
-    suffix = "" if args.device == "cpu" else "_gpu"
+    if args.dtype == "bfloat16":  # issue 14's goals for the precision people train in
+        goals["bf16: lorakit <= 0.70x full fine-tuning"] = all(r["lorakit_vs_full"] <= 0.70 for r in rows)
+        goals["bf16: lorakit <= 0.85x PEFT"] = all(r["time_vs_peft"] <= 0.85 for r in rows)
+        goals["bf16: lorakit <= 1.10x the frozen floor"] = all(r["lorakit_vs_frozen"] <= 1.10 for r in rows)
+    suffix = ("" if args.device == "cpu" else "_gpu") + ("_bf16" if args.dtype == "bfloat16" else "")
     payload = {"environment": environment(args.device, args.threads), "size": size, "batch": [BATCH, SEQ],
                "rows": raw, "goals": goals}
     stem = write_results("train_step", payload, rows, suffix)

@@ -19,13 +19,16 @@ LAYERS = [
     ["init", "dora"],
     ["variants"],
     ["layer"],
+    ["params"],
+    ["tokens"],
     ["inject"],
     ["adapters"],
     ["merge"],
     ["io"],
     ["batch"],
     ["bank"],
-    ["arithmetic", "quant", "optim"],
+    ["arithmetic", "quant", "optim", "hotswap"],
+    ["integrations"],  # transformers / TRL trainers (imported lazily) on the public API above
     ["models"],
     ["lorakit"],  # the package itself: the public API
 ]

@@ -149,5 +149,5 @@ def test_combine_errors():
     with pytest.raises(LoraError, match="density"):
         lk.combine_adapters(m, ["a"], [1], "x", method="ties", density=0)
     lk.inject(m, lk.LoraConfig(r=2, targets=["q_proj"], use_dora=True), adapter="d")
-    with pytest.raises(LoraError, match="use_dora"):
+    with pytest.raises(LoraError, match="dora variant"):
         lk.combine_adapters(m, ["a", "d"], [1, 1], "x")

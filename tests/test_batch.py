@@ -43,8 +43,11 @@ def mixes(rows: int, seed: int = 0) -> dict[str, list]:
 
 def alone(model, x, names, **kw):
     out = []
+    trains = [(p, p.requires_grad) for p in model.parameters()]
     for i, n in enumerate(names):
         lk.set_adapter(model, n)
+        for p, t in trains:  # set_adapter freezes the other adapters; every row's gradient must reach its own
+            p.requires_grad_(t)
         out.append(model(x[i:i + 1], **kw).logits)
     return torch.cat(out)
 

@@ -342,6 +342,27 @@ def _fused_inputs():
     return x, y, A, B
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.9])
+def test_dropout_keeps_each_element_with_probability_1_minus_p(p):
+    """lorakit's cheaper dropout (four 15-bit uniforms per 63-bit draw) is dropout: each element
+    kept independently with probability 1-p and scaled by 1/(1-p), like F.dropout's."""
+    from lorakit import core
+
+    torch.manual_seed(0)
+    x = torch.randn(1000, 999)
+    out, keep = core.dropout(x, p)
+    n = keep.numel()
+    rate = keep.double().mean().item()
+    assert abs(rate - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5)  # within 5 standard errors
+    torch.testing.assert_close(out[keep], x[keep] / (1 - p))
+    assert (out[~keep] == 0).all()
+    for lane in range(4):  # every lane of a draw is used, each with the same rate
+        sub = keep.flatten()[lane::4].double().mean().item()
+        assert abs(sub - (1 - p)) < 5 * ((p * (1 - p) / (n / 4)) ** 0.5)
+    a, b = core.dropout(x, p)[1], core.dropout(x, p)[1]
+    assert (a != b).any()  # fresh masks
+
+
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_fused_linear_path_matches_reference_gradients(p):
     from lorakit import core
@@ -354,7 +375,7 @@ def test_fused_linear_path_matches_reference_gradients(p):
 
     assert torch.autograd.gradcheck(fn, (y, x, A, B))
     torch.manual_seed(7)
-    dropped = torch.nn.functional.dropout(x.reshape(-1, 6), p, training=True).view(x.shape) if p else x
+    dropped = core.dropout(x.reshape(-1, 6), p)[0].view(x.shape) if p else x
     ref = y + 0.7 * dropped @ A.T @ B.T  # the plain formula with the same mask
     torch.testing.assert_close(fn(y, x, A, B), ref)
     if p:
@@ -548,3 +569,84 @@ def test_a_registered_kind_takes_the_fused_and_batched_paths(monkeypatch):
     assert calls["rows"] == 2  # the batched op in both layers, no loop over adapters
     for i, name in enumerate(["a", "b", "a"]):
         torch.testing.assert_close(mixed[i], reference(name)[i], atol=1e-5, rtol=1e-5)
+
+
+def test_a_bf16_base_runs_its_adapter_in_bf16_without_float32_copies_of_the_inputs():
+    """On a bf16 base the LoRA matmuls run in bf16 (float32 accumulation inside) with float32
+    master weights and gradients: the answers are the float32 path's to bf16 rounding, and no
+    float32 tensor the size of an input or output is ever made (before: every input was copied
+    to float32 for the adapter). set_compute_dtype(float32) keeps the old all-float32 path."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Big32(TorchDispatchMode):
+        def __init__(self, limit):
+            super().__init__()
+            self.limit, self.seen = limit, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.numel() >= self.limit:
+                    self.seen.append((str(func), tuple(t.shape)))
+            return out
+
+    torch.manual_seed(0)
+    lin = nn.Linear(256, 192).to(torch.bfloat16)
+    model = nn.Sequential(lin)
+    lk.inject(model, lk.LoraConfig(r=8, alpha=16, targets=["0"], dropout=0.1, init=False), "a")
+    layer = model[0]
+    assert layer.lora_A["a"].dtype == torch.float32
+    x = torch.randn(4, 64, 256, dtype=torch.bfloat16, requires_grad=True)
+    gout = torch.randn(4, 64, 192, dtype=torch.bfloat16)
+
+    def run():
+        torch.manual_seed(1)
+        for p in (layer.lora_A["a"], layer.lora_B["a"], x):
+            p.grad = None
+        out = model(x)
+        out.backward(gout)
+        return out.detach(), [p.grad.clone() for p in (layer.lora_A["a"], layer.lora_B["a"], x)]
+
+    with Big32(limit=4 * 64 * 64) as mode:
+        fast, fast_grads = run()
+    assert mode.seen == [], mode.seen[:5]  # nothing float32 beyond r-wide products
+    lk.set_compute_dtype(model, torch.float32)
+    slow, slow_grads = run()
+    assert fast.dtype == slow.dtype == torch.bfloat16
+    torch.testing.assert_close(fast.float(), slow.float(), atol=0.05, rtol=0.02)
+    for a, b in zip(fast_grads, slow_grads):
+        assert a.dtype == b.dtype
+        assert (a.float() - b.float()).norm() <= 0.02 * b.float().norm(), (a.dtype, a.shape)
+
+
+def test_training_under_bf16_autocast():
+    """torch.autocast (what Trainer(bf16=True) and TRL's SFTConfig default turn on): the adapter's
+    matmuls run in the autocast dtype, forward and backward agree on dtypes, and the gradients are
+    the float32 ones to bf16 rounding."""
+    torch.manual_seed(0)
+    model = tiny_llama()
+    lk.inject(model, lk.LoraConfig(r=4, targets="all-linear", dropout=0.0, init=False), "a")
+    x = torch.randint(0, 128, (2, 8))
+
+    def grads(autocast):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            loss = model(x, labels=x).loss
+        loss.backward()
+        return [p.grad.float().clone() for p in lk.adapter_parameters(model, "a")]
+
+    low, high = grads(True), grads(False)
+    for a, b in zip(low, high):
+        assert a.dtype == torch.float32
+        assert (a - b).norm() <= 0.05 * b.norm() + 1e-6
+
+
+def test_embedding_and_dora_adapters_train_under_autocast():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    lk.inject(model, lk.LoraConfig(r=4, targets=["embed_tokens", "q_proj"], use_dora=True, init=False), "a")
+    x = torch.randint(0, 128, (2, 8))
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = model(x, labels=x).loss
+    loss.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lk.adapter_parameters(model, "a"))

@@ -33,7 +33,7 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or sys.plat
                                 reason="needs torch.distributed (gloo) and /proc")
 
 ROOT = Path(__file__).resolve().parents[1]
-OPTIONS = dict(task="classification", epochs=6, lr=5e-3, dropout=0.0, seed=3, threads=1)
+OPTIONS = dict(task="classification", epochs=6, lr=5e-3, dropout=0.0, seed=3, threads=1, precision="fp32")
 GLOBAL_BATCH = 8
 TOL = 1e-5
 

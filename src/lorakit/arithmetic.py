@@ -73,13 +73,15 @@ def _check(model: nn.Module, adapters: Sequence[str], weights: Sequence[float], 
     for a in adapters:
         require_adapter(state, a)
         cfg = state.configs[a]
-        for name, bad in (("use_dora", variant_for(cfg) is not LORA), ("modules_to_save", cfg.modules_to_save),
-                          ("bias", cfg.bias != "none"),
-                          ("init", isinstance(cfg.init, str) and cfg.init not in ("default", "gaussian"))):
+        variant = variant_for(cfg)
+        for what, bad in ((f"a {variant.name} variant", variant is not LORA),
+                          (f"modules_to_save={cfg.modules_to_save!r}", cfg.modules_to_save),
+                          (f"bias={cfg.bias!r}", cfg.bias != "none"),
+                          (f"init={cfg.init!r}", isinstance(cfg.init, str) and cfg.init not in ("default", "gaussian"))):
             if bad:
                 raise LoraError(
-                    f"combine_adapters: adapter {a!r} has {name}={getattr(cfg, name)!r}; only plain LoRA "
-                    "updates (dW = s*B@A on an unchanged base) can be combined"
+                    f"combine_adapters: adapter {a!r} has {what}; only plain LoRA updates (dW = s*B@A on an "
+                    "unchanged base) can be combined"
                 )
         configs[a] = cfg
     return configs

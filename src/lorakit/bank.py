@@ -185,11 +185,15 @@ class AdapterBank:
         logits = model(x).logits
     """
 
-    def __init__(self, model: nn.Module, capacity: int | None = 8):
+    def __init__(self, model: nn.Module, capacity: int | None = 8, dtype: torch.dtype | None = None):
+        """dtype: the slots' dtype (default: what the adapters compute in, core.compute_dtype: a
+        bf16 base's own, half the bytes a decode step with many adapters must read; float32
+        adapters of a float32 model stay float32, so a mixed batch equals each adapter alone)."""
         if capacity is not None and (not isinstance(capacity, int) or capacity < 1):
             raise LoraError(f"AdapterBank capacity must be a positive int or None, got {capacity!r}")
         self.model = model
         self.capacity = capacity
+        self.dtype = dtype
         self._sources: dict[str, _ModelSource | _FileSource] = {}
         self._resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recent first
         self._fingerprint: dict[str, tuple] = {}
@@ -213,6 +217,10 @@ class AdapterBank:
             st = state_of(self.model)
             if st is None or name not in st.configs:
                 raise LoraError(f"the model has no adapter {name!r}")
+            variant = variant_for(st.configs[name])
+            if not variant.batchable:
+                raise LoraError(f"adapter {name!r}: {variant.name} adapters cannot share stacked slots in a mixed "
+                                "batch; run it alone or merged")
             src: _ModelSource | _FileSource = _ModelSource(name)
         else:
             src = source if isinstance(source, _FileSource) else self.prepare(source, keep_in_memory=keep_in_memory,
@@ -363,7 +371,9 @@ class AdapterBank:
         if st is not None and st.rank >= r:
             return st
         w = layer.weight_tensor()
-        dt, dev = adapter_dtype(w), w.device
+        dev = w.device
+        dt = self.dtype or (w.dtype if w.dtype in core.LOW_PRECISION and layer.state.compute_dtype == "auto"
+                            else adapter_dtype(w))
         emb = layer.kind.meets == "lookup"
         S, n_in, n_out = self._n_slots, layer.in_features, layer.out_features
         A = torch.zeros((S, n_in, r) if emb else (S, r, n_in), dtype=dt, device=dev)

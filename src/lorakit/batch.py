@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import ops
 from .errors import LoraError
-from .layer import LoraLayer, LoraState, ModulesToSave
+from .layer import LoraLayer, LoraState, ModulesToSave, run_saved
 
 FAST = {"matmul": "linear", "lookup": "embedding"}  # how the input meets A -> the batched op
 
@@ -184,12 +184,12 @@ def saved_forward(mod: ModulesToSave, x: Tensor, args: tuple, kwargs: dict, g: R
     modules = {n: g.saved_module(mod, n) for n in g}
     modules = {n: m for n, m in modules.items() if m is not None}
     if len(modules) == 1 and len(g) == 1 and len(next(iter(g.values()))) == x.shape[0]:
-        return next(iter(modules.values()))(x, *args, **kwargs)  # every row: one adapter
+        return run_saved(next(iter(modules.values())), x, args, kwargs)  # every row: one adapter
     y = mod.original_module(x, *args, **kwargs)
     outs = []
     for name, m in modules.items():
         idx = g[name].to(x.device)
-        outs.append((idx, m(x.index_select(0, idx), *args, **kwargs)))
+        outs.append((idx, run_saved(m, x.index_select(0, idx), args, kwargs)))
     widths = {o.shape[-1] for _, o in outs}
     if sum(len(i) for i, _ in outs) < x.shape[0]:  # some rows keep the original's output
         widths.add(y.shape[-1])

@@ -13,7 +13,28 @@ from .patterns import LAYERS_TEMPLATE, MAX_ENTRIES, MAX_PATTERN_CHARS, RANK_TEMP
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
-INIT_METHODS = (True, False, "default", "gaussian", "pissa", "pissa_niter_N", "olora")
+INIT_METHODS = (True, False, "default", "gaussian", "orthogonal", "eva", "mica", "pissa", "pissa_niter_N", "olora")
+# init methods that only chose where A and B start (the base is untouched): their adapters are
+# ordinary LoRA once trained. "eva" and "mica" derive A or B from data or from W: load-only here.
+INIT_ONLY = ("default", "gaussian", "orthogonal", "eva", "mica")
+LOAD_ONLY_INITS = ("eva", "mica")
+# init methods that changed the base weights in a way lorakit cannot reproduce from the file:
+# PEFT's own conversion turns such an adapter into an ordinary one (init_lora_weights=True).
+BASE_CHANGING_INITS = ("corda", "loftq", "lora_ga")
+CONVERSION_ROUTE = ("convert it with PEFT first: peft_model.save_pretrained(out_dir, "
+                    "path_initial_model_for_weight_conversion=<folder of the adapter as first initialised>) writes "
+                    "an ordinary LoRA adapter (init_lora_weights=True) for the original base model, which lorakit loads")
+
+
+def refused_init(method: str) -> str:
+    """Why an adapter made with `method` (one of BASE_CHANGING_INITS) cannot be loaded, and what to do."""
+    what = {"corda": "CorDA moved part of W into the adapter (W became a residual)",
+            "lora_ga": "LoRA-GA subtracted the adapter's starting point from W",
+            "loftq": "LoftQ replaced W by its quantized residual"}[method]
+    route = (CONVERSION_ROUTE if method != "loftq" else
+             "a LoftQ adapter belongs to its LoftQ-quantized base: run it with PEFT on that base, or " + CONVERSION_ROUTE)
+    return (f"init_lora_weights={method!r}: {what} when the adapter was made, and lorakit cannot redo that from "
+            f"the adapter's files; {route}")
 _NITER = re.compile(r"^pissa_niter_(\d{1,6})$")
 
 
@@ -47,20 +68,23 @@ PEFT_NAMES = {
     "task_type": "task_type",
     "base_model_name_or_path": "base_model_name_or_path",
     "inference_mode": "inference_mode",
+    "target_parameters": "target_parameters",
+    "lora_bias": "lora_bias",
+    "trainable_token_indices": "trainable_token_indices",
 }
 # PEFT fields that carry no meaning for the LoRA math here: read silently.
 PEFT_HARMLESS = {
     "peft_type", "peft_version", "auto_mapping", "revision", "megatron_core", "qalora_group_size",
     "ensure_weight_tying",
+    "eva_config",  # EVA's settings for computing A from activations: used once, at initialisation
 }
 # PEFT features lorakit does not implement: fine at their default, refused otherwise (a silent
 # ignore would give wrong outputs).
 PEFT_FEATURE_DEFAULTS: dict[str, Any] = {
-    "megatron_config": None, "loftq_config": {}, "eva_config": None,
+    "megatron_config": None, "loftq_config": {},
     "corda_config": None, "lora_ga_config": None, "velora_config": None,
     "alora_invocation_tokens": None, "use_qalora": False, "monteclora_config": None,
-    "layer_replication": None, "lora_bias": False, "target_parameters": None,
-    "trainable_token_indices": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
+    "layer_replication": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
 }
 
 
@@ -91,6 +115,50 @@ def _check_patterns(name: str, value: Any, allow_all_linear: bool) -> Any:
                 _fail(name, value, f"an entry of {len(item):,} characters (at most {MAX_PATTERN_CHARS:,})")
         return items
     _fail(name, value, "expected a list of module names, a regex string or 'all-linear'")
+
+
+def _check_names(name: str, value: Any) -> list[str] | None:
+    """target_parameters: a list of parameter names (exact key or dotted suffix; no regex, as PEFT)."""
+    if value is None:
+        return None
+    if isinstance(value, str) or not isinstance(value, (list, tuple, set, frozenset)):
+        _fail(name, value, "expected a list of parameter names such as ['mlp.experts.gate_up_proj'] (no regex, as PEFT)")
+    _check_size(name, value)
+    items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else list(value)
+    for item in items:
+        if not isinstance(item, str) or not item:
+            _fail(name, value, f"every entry must be a non-empty string, got {short(item)}")
+        if len(item) > MAX_PATTERN_CHARS:
+            _fail(name, value, f"an entry of {len(item):,} characters (at most {MAX_PATTERN_CHARS:,})")
+    return items
+
+
+def _check_token_indices(value: Any) -> list[int] | dict[str, list[int]] | None:
+    """trainable_token_indices: [ids] (the input embedding) or {module name: [ids]}; ids >= 0, no repeats."""
+    name = "trainable_token_indices"
+    if value is None:
+        return None
+
+    def ids(v: Any) -> list[int]:
+        if not isinstance(v, (list, tuple)) or not v:
+            _fail(name, value, f"expected a non-empty list of token ids, got {short(v)}")
+        _check_size(name, v)
+        if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v):
+            _fail(name, value, "token ids must be integers >= 0")
+        if len(set(v)) != len(v):
+            _fail(name, value, "a token id is listed twice")
+        return list(v)
+    if isinstance(value, dict):
+        if not value:
+            _fail(name, value, "an empty dict: name at least one embedding module")
+        _check_size(name, value)
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str) or not k or len(k) > MAX_PATTERN_CHARS:
+                _fail(name, value, f"module names must be non-empty strings, got {short(k)}")
+            out[k] = ids(v)
+        return out
+    return ids(value)
 
 
 def _check_size(name: str, value: Any) -> None:
@@ -129,6 +197,13 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     inference_mode: bool = False
     use_dora: bool = False  # DoRA: a learned magnitude per output row (lorakit.dora)
+    # LoRA on nn.Parameters (MoE expert stacks): names matched as PEFT does, `key == name` or
+    # `key.endswith("." + name)` for key = "<module path>.<parameter name>" (lorakit.params)
+    target_parameters: list[str] | None = None
+    lora_bias: bool = False  # a trainable bias on B (PEFT's lora_bias; the "lora_bias" variant)
+    # rows of embeddings trained as new values (PEFT's TrainableTokens): a list of token ids for the
+    # input embedding, or {module name: ids} (lorakit.tokens)
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
@@ -137,11 +212,26 @@ class LoraConfig:
             _fail("alpha", self.alpha, "must be a finite number")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             _fail("dropout", self.dropout, "must be a number in [0, 1)")
-        self.targets = _check_patterns("targets", self.targets, allow_all_linear=True)
-        self.exclude = _check_patterns("exclude", self.exclude, allow_all_linear=False)
-        for flag in ("rslora", "fan_in_fan_out", "inference_mode", "use_dora"):
+        for flag in ("rslora", "fan_in_fan_out", "inference_mode", "use_dora", "lora_bias"):
             if not isinstance(getattr(self, flag), bool):
                 _fail(flag, getattr(self, flag), "must be True or False")
+        self.target_parameters = _check_names("target_parameters", self.target_parameters)
+        if self.targets == [] and self.target_parameters:
+            self.targets = []  # PEFT's target_modules=[]: only the parameters are adapted
+        else:
+            self.targets = _check_patterns("targets", self.targets, allow_all_linear=True)
+        self.exclude = _check_patterns("exclude", self.exclude, allow_all_linear=False)
+        if self.target_parameters:  # PEFT's ParamWrapper refuses these (a parameter has no input to drop out)
+            for name, bad in (("dropout", self.dropout != 0), ("use_dora", self.use_dora),
+                              ("lora_bias", self.lora_bias), ("fan_in_fan_out", self.fan_in_fan_out)):
+                if bad:
+                    _fail(name, getattr(self, name), "cannot be used with target_parameters (as in PEFT: LoRA on a "
+                          "parameter forms W + dW, with no input to drop out, no bias and no DoRA magnitude)")
+        if self.target_parameters and changes_base(self.init):
+            _fail("init", self.init, "cannot be used with target_parameters (it derives A and B from a weight matrix)")
+        if self.lora_bias and self.use_dora:
+            _fail("lora_bias", True, "cannot be combined with use_dora (as in PEFT)")
+        self.trainable_token_indices = _check_token_indices(self.trainable_token_indices)
         if self.modules_to_save is not None:
             if not isinstance(self.modules_to_save, (list, tuple)) or not all(
                 isinstance(m, str) and m for m in self.modules_to_save
@@ -155,9 +245,17 @@ class LoraConfig:
             self.modules_to_save = list(self.modules_to_save)
         if self.bias not in BIAS_MODES:
             _fail("bias", self.bias, f"must be one of {BIAS_MODES}")
-        if not (self.init is True or self.init is False or self.init in ("default", "gaussian")
-                or changes_base(self.init)):
+        if isinstance(self.init, str) and self.init in BASE_CHANGING_INITS:
+            _fail("init", self.init, refused_init(self.init))
+        if not (self.init is True or self.init is False or self.init in INIT_ONLY or changes_base(self.init)):
             _fail("init", self.init, f"must be one of {INIT_METHODS}")
+        if self.lora_bias and self.init not in (True, False):
+            _fail("lora_bias", True, f"needs init True or False (as in PEFT), got init={self.init!r}")
+        if self.trainable_token_indices and self.modules_to_save:
+            for m in self.trainable_token_indices if isinstance(self.trainable_token_indices, dict) else ():
+                if m in self.modules_to_save:
+                    _fail("trainable_token_indices", self.trainable_token_indices,
+                          f"{m!r} is in modules_to_save too: train the whole module or some of its rows, not both")
         for name in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, name)
             if not isinstance(value, dict) or not all(isinstance(k, str) and k for k in value):
@@ -212,7 +310,6 @@ class LoraConfig:
         out: dict[str, Any] = {"peft_type": "LORA"}
         for ours, theirs in PEFT_NAMES.items():
             out[theirs] = getattr(self, ours)
-        out["lora_bias"] = PEFT_FEATURE_DEFAULTS["lora_bias"]
         return out
 
     @classmethod
@@ -223,6 +320,9 @@ class LoraConfig:
         peft_type = data.get("peft_type", "LORA")
         if peft_type != "LORA":
             raise LoraError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters only")
+        init = data.get("init_lora_weights")
+        if isinstance(init, str) and init in BASE_CHANGING_INITS:  # before its *_config field is reported
+            raise LoraError(f"{source}: {refused_init(init)}")
         theirs_to_ours = {v: k for k, v in PEFT_NAMES.items()}
         kwargs: dict[str, Any] = {}
         unknown = []

@@ -30,10 +30,14 @@ from .adapters import delete_adapter
 from .config import LoraConfig, changes_base, matches
 from .errors import AdapterChangedError, AdapterFileError, LoraError, TargetError
 from .files import recover, staged_versions, write_dir_atomic
-from .inject import check_adapter_name, modules_to_save_paths
+from .inject import check_adapter_name, check_overlap, modules_to_save_paths
 from .layer import (LoraLayer, ModulesToSave, lora_layers, require_adapter, require_state, save_module, saved_modules,
                     state_of, walk, wrap)
+from .params import ParamLayer, by_module, file_path, find_parameter_targets, module_wrappers, param_dims, wrap_params
 from .patterns import match_budget
+from .tokens import FILE_SUFFIX as TOKEN_SUFFIX
+from .tokens import TokenLayer, find_token_targets, wrap_tokens
+from .tokens import file_key as token_file_key
 from .variants import extra_keys, variant_for
 
 CONFIG_NAME = "adapter_config.json"
@@ -60,6 +64,16 @@ def adapter_state_dict(model: nn.Module, adapter: str = "default") -> dict[str, 
             out[f"{PREFIX}{path}.{suffix}"] = t
         if config.bias == "lora_only" and getattr(base, "bias", None) is not None:
             out[f"{PREFIX}{path}.base_layer.bias"] = base.bias.detach()
+    for path, wrapper in module_wrappers(model):
+        if isinstance(wrapper, TokenLayer):  # a tied head's rows are the embedding's: saved once, there
+            if wrapper.tied is None and adapter in wrapper.trainable_tokens_delta:
+                out[PREFIX + token_file_key(path)] = wrapper.trainable_tokens_delta[adapter].detach()
+            continue
+        order = wrapper.params_of(adapter)
+        for pname in order:  # PEFT's nesting: one `.base_layer` per parameter wrapper around this one
+            t, where = wrapper.targets[pname], f"{PREFIX}{file_path(path, order, pname)}"
+            out[f"{where}.lora_A.weight"] = t.lora_A[adapter].detach()
+            out[f"{where}.lora_B.weight"] = t.lora_B[adapter].detach()
     for path, mod in saved_modules(model):
         if adapter in mod.modules_to_save:
             for k, v in mod.modules_to_save[adapter].state_dict().items():
@@ -404,6 +418,11 @@ class AdapterPlan:
     extras: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # path -> the variant's tensors by suffix
     keys: dict[str, tuple[str, str]] = field(default_factory=dict)  # module path -> file keys of A and B
     alphas: dict[str, float] = field(default_factory=dict)  # module path -> alpha (alpha_pattern applied)
+    # LoRA on parameters (lorakit.params): (module path, parameter) -> (A (r*E, in), B (out, r*E)), in
+    # each module's registration order
+    params: dict[tuple[str, str], tuple[Tensor, Tensor]] = field(default_factory=dict)
+    tokens: dict[str, tuple[list[int], Tensor]] = field(default_factory=dict)  # path -> (token ids, new rows)
+    tied_tokens: dict[str, str] = field(default_factory=dict)  # tied head path -> the embedding path it follows
 
 
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<which>lora_A\.weight|lora_B\.weight|lora_embedding_A|lora_embedding_B)$")
@@ -416,20 +435,33 @@ def plan_adapter(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor
     with match_budget(source=source):
         try:
             saved_paths = modules_to_save_paths(model, config)
+            ptargets = by_module(find_parameter_targets(model, config))
+            ttargets = find_token_targets(model, config)
         except TargetError as e:
             raise AdapterFileError(f"{source}: {e}") from None
-        plan = _plan_checked(model, config, tensors, source, saved_paths)
+        expected = {f"{file_path(path, order, pname)}": (path, pname)
+                    for path, order in ptargets.items() for pname in order}
+        plan = _plan_checked(model, config, tensors, source, saved_paths, expected, ttargets)
         plan.alphas.update({path: config.alpha_for(path) for path in plan.lora})
+        try:
+            check_overlap(list(plan.lora), list(ptargets), list(ttargets))
+        except TargetError as e:
+            raise AdapterFileError(f"{source}: {e}") from None
     return plan
 
 
 def _plan_checked(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor], source: str,
-                  saved_paths: list[str]) -> AdapterPlan:
+                  saved_paths: list[str], expected: dict[str, tuple[str, str]] | None = None,
+                  ttargets: dict[str, tuple[list[int], str | None]] | None = None) -> AdapterPlan:
+    """`expected`: file path -> (module path, parameter) of the config's parameter targets;
+    `ttargets`: its token-row targets (tokens.find_token_targets)."""
+    expected, ttargets = expected or {}, ttargets or {}
     pairs: dict[str, dict[str, tuple[str, Tensor]]] = {}
     saved: dict[str, dict[str, Tensor]] = {p: {} for p in saved_paths}
     biases: dict[str, Tensor] = {}
     base_weights: dict[str, Tensor] = {}
     extras: dict[str, dict[str, Tensor]] = {}  # path -> {suffix: tensor} of a variant (DoRA's magnitude)
+    rows: dict[str, tuple[str, Tensor]] = {}  # trainable token rows: module path -> (key, tensor)
     variant, known = variant_for(config), extra_keys()
     modules = dict(walk(model))
     for key, t in tensors.items():
@@ -441,15 +473,12 @@ def _plan_checked(model: nn.Module, config: LoraConfig, tensors: dict[str, Tenso
             which = "A" if m["which"] in ("lora_A.weight", "lora_embedding_A") else "B"
             pairs.setdefault(m["path"], {})[which] = (key, t)
             continue
+        if name.endswith("." + TOKEN_SUFFIX):
+            rows[name[: -len(TOKEN_SUFFIX) - 1]] = (key, t)
+            continue
         owner = next((p for p in saved_paths if name.startswith(p + ".")), None)
         if owner is not None:
             saved[owner][name[len(owner) + 1:]] = t
-            continue
-        if config.bias != "none" and name.endswith("bias"):
-            biases[name] = t
-            continue
-        if name.endswith(".base_layer.weight"):
-            base_weights[name[: -len(".base_layer.weight")]] = t
             continue
         suffix = next((k for k in known if name.endswith("." + k)), None)
         if suffix is not None:
@@ -458,8 +487,16 @@ def _plan_checked(model: nn.Module, config: LoraConfig, tensors: dict[str, Tenso
                                        f"describes a {variant.name} one")
             extras.setdefault(name[: -len(suffix) - 1], {})[suffix] = t
             continue
+        if config.bias != "none" and name.endswith("bias"):
+            biases[name] = t
+            continue
+        if name.endswith(".base_layer.weight"):
+            base_weights[name[: -len(".base_layer.weight")]] = t
+            continue
         raise AdapterFileError(f"{source}: unexpected key {key!r} for a LoRA adapter of {type(model).__name__}")
 
+    param_pairs = _plan_params(model, config, pairs, expected, source)
+    tokens, tied_tokens = _plan_tokens(model, ttargets, rows, source)
     lora: dict[str, tuple[Tensor, Tensor]] = {}
     keys: dict[str, tuple[str, str]] = {}
     for path, pair in pairs.items():
@@ -540,7 +577,7 @@ def _plan_checked(model: nn.Module, config: LoraConfig, tensors: dict[str, Tenso
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if path not in lora or base is None or tuple(base.weight.shape) != tuple(t.shape):
             raise AdapterFileError(f"{source}: unexpected key {PREFIX}{path}.base_layer.weight of shape {tuple(t.shape)}")
-    if not lora and not any(saved.values()):
+    if not lora and not any(saved.values()) and not param_pairs and not tokens:
         raise AdapterFileError(f"{source}: holds no LoRA weights")
     if config.targets is not None and lora:  # PEFT injects by the config: it must name these layers
         covered = [p for p in lora if matches(config, p) or (config.targets == "all-linear")]
@@ -553,7 +590,62 @@ def _plan_checked(model: nn.Module, config: LoraConfig, tensors: dict[str, Tenso
             stray = sorted(set(lora) - set(covered))
             warnings.warn(f"{source}: layers {stray[:5]} have weights but are not in target_modules; "
                           "lorakit loads them, PEFT would not", stacklevel=3)
-    return AdapterPlan(lora, {p: sd for p, sd in saved.items() if sd}, biases, base_weights, extras, keys=keys)
+    return AdapterPlan(lora, {p: sd for p, sd in saved.items() if sd}, biases, base_weights, extras, keys=keys,
+                       params=param_pairs, tokens=tokens, tied_tokens=tied_tokens)
+
+
+def _plan_params(model: nn.Module, config: LoraConfig, pairs: dict[str, dict[str, tuple[str, Tensor]]],
+                 expected: dict[str, tuple[str, str]], source: str) -> dict[tuple[str, str], tuple[Tensor, Tensor]]:
+    """Take the A/B pairs of the config's parameter targets out of `pairs` (their file paths carry
+    PEFT's nesting, see lorakit.params) and check them: present, shaped (r*E, in) and (out, r*E)."""
+    out: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
+    for fpath, (path, pname) in expected.items():
+        pair = pairs.pop(fpath, {})
+        where = f"{PREFIX}{fpath}"
+        for need in ("A", "B"):
+            if need not in pair:
+                raise AdapterFileError(
+                    f"{source}: target_parameters names {path}.{pname}, whose {where}.lora_{need}.weight is missing "
+                    "(PEFT saves the parameters of one module nested in their registration order: the first one "
+                    "under the most '.base_layer' segments)")
+        (ka, A), (kb, B) = pair["A"], pair["B"]
+        module = model.get_submodule(path)
+        E, n_in, n_out, _ = param_dims(module.base_layer if isinstance(module, ParamLayer) else module, pname)
+        key = f"{path}.{pname}"
+        r = config.rank_for(key)
+        if tuple(A.shape) != (r * E, n_in):
+            raise AdapterFileError(f"{source}: {ka!r} has shape {tuple(A.shape)}, but {key} (E={E} experts, rank {r}) "
+                                   f"needs {(r * E, n_in)}")
+        if tuple(B.shape) != (n_out, r * E):
+            raise AdapterFileError(f"{source}: {kb!r} has shape {tuple(B.shape)}, but {key} (E={E} experts, rank {r}) "
+                                   f"needs {(n_out, r * E)}")
+        out[(path, pname)] = (A, B)
+    return out
+
+
+def _plan_tokens(model: nn.Module, targets: dict[str, tuple[list[int], str | None]],
+                 rows: dict[str, tuple[str, Tensor]], source: str) -> tuple[dict, dict[str, str]]:
+    """Check the file's token rows against the config's token targets (ids come from the config)."""
+    tokens: dict[str, tuple[list[int], Tensor]] = {}
+    tied: dict[str, str] = {}
+    for path, (ids, tied_to) in targets.items():
+        if tied_to is not None:
+            tied[path] = tied_to
+            continue
+        key = f"{PREFIX}{token_file_key(path)}"
+        if path not in rows:
+            raise AdapterFileError(f"{source}: trainable_token_indices names {path!r}, but {key!r} is missing")
+        _, t = rows.pop(path)
+        module = model.get_submodule(path)
+        w = (module.base_layer if isinstance(module, TokenLayer) else module).weight
+        if tuple(t.shape) != (len(ids), w.shape[1]):
+            raise AdapterFileError(f"{source}: {key!r} has shape {tuple(t.shape)}, but {len(ids)} token ids of "
+                                   f"{path} need {(len(ids), w.shape[1])}")
+        tokens[path] = (ids, t)
+    for path, (key, _) in rows.items():
+        raise AdapterFileError(f"{source}: {key!r} holds token rows for {path!r}, which the config's "
+                               "trainable_token_indices does not name (or which follows a tied embedding)")
+    return tokens, tied
 
 
 CLASSIFICATION_TASKS = ("SEQ_CLS", "TOKEN_CLS")
@@ -606,8 +698,12 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     if first:  # the base is frozen once, when its first adapter arrives (as inject() does)
         for p in model.parameters():
             p.requires_grad_(False)
+        state.trainable = set()
     for p in own:
         p.requires_grad_(trainable)
+    state.params.pop(adapter, None)
+    if state.trainable is not None:
+        (state.trainable.add if trainable else state.trainable.discard)(adapter)
     return model
 
 
@@ -629,7 +725,20 @@ def _apply(model: nn.Module, state: Any, adapter: str, config: LoraConfig, plan:
             layer.lora_B[adapter].copy_(B)
         if path in plan.extras:
             variant.load(layer, adapter, plan.extras[path])
-        params += layer.parameters_of(adapter)
+        frozen = layer.lora_B[adapter] if config.init == "mica" else None  # MiCA trains A only (as PEFT)
+        if frozen is not None:
+            frozen.requires_grad_(False)
+        params += [p for p in layer.parameters_of(adapter) if p is not frozen]
+    for (path, pname), (A, B) in plan.params.items():
+        wrapper = wrap_params(model, path, state)
+        key = f"{path}.{pname}"
+        wrapper.add(adapter, pname, config.rank_for(key), config.alpha_for(key), rslora=config.rslora, weights=(A, B))
+    for path, (ids, rows) in plan.tokens.items():
+        wrap_tokens(model, path, state).add(adapter, ids, values=rows)
+    for path, emb in plan.tied_tokens.items():
+        wrap_tokens(model, path, state, emb)
+    for _, wrapper in module_wrappers(model):
+        params += wrapper.parameters_of(adapter)
     for path, sd in plan.saved.items():
         mod = save_module(model, path, state)
         mod.add(adapter, sd)

@@ -50,6 +50,22 @@ class LoraState:
     rows: Rows | None = None  # under per_row() / bank.rows(): each row's adapter
     n_merged: int = 0  # (layer, adapter) pairs merged into weights: lets set_adapter check in O(1)
     merge_on_the_fly: bool = True  # no-grad forwards over many tokens may form W + dW (benchmarks turn it off)
+    slot_layers: list = field(default_factory=list)  # prepared for compile (lorakit.hotswap): these run slots
+    trainable: set | None = None  # adapters lorakit last made trainable (None: unknown); set_adapter flips only
+    # the difference, through `params` (adapter -> its parameters; dropped whenever the adapter changes)
+    params: dict = field(default_factory=dict)
+    compute_dtype: Any = "auto"  # what the adapters' matmuls run in (core.compute_dtype; set_compute_dtype)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name in ("active", "disabled") and self.__dict__.get("slot_layers"):
+            self.load_slots()  # a compiled model: the switch is a copy into the slots, never a new graph
+
+    def load_slots(self) -> None:
+        """Copy the active adapter (none if disabled) into every prepared layer's slot tensors."""
+        name = None if self.disabled or not self.active else self.active[0]
+        for layer in self.slot_layers:
+            layer.load_slot(name)
 
 
 _IDENTITY = nn.Identity()  # shared by every adapter without dropout: no module built per adapter
@@ -198,8 +214,41 @@ class LoraLayer(_Wrapper):
             return None
         return w
 
+    # ---- slots: a compiled model whose adapters change without recompiling (lorakit.hotswap) ---------
+    def make_slots(self, max_rank: int) -> None:
+        """Fixed tensors for the active adapter: A zero-padded to (max_rank, in), B to (out,
+        max_rank), the scaling as a 0-d tensor. A compiled forward reads only these, whose identity
+        and shape never change, so switching or replacing adapters copies values, never retraces."""
+        w = self.weight_tensor()
+        kw = {"dtype": adapter_dtype(w), "device": w.device}
+        self.register_buffer("slot_A", torch.zeros(max_rank, self.in_features, **kw), persistent=False)
+        self.register_buffer("slot_B", torch.zeros(self.out_features, max_rank, **kw), persistent=False)
+        self.register_buffer("slot_s", torch.zeros((), **kw), persistent=False)
+
+    @torch.no_grad()
+    def load_slot(self, name: str | None) -> None:
+        self.slot_A.zero_()
+        self.slot_B.zero_()
+        if name is None or name not in self.lora_A:
+            self.slot_s.zero_()
+            return
+        r = self.rank(name)
+        self.slot_A[:r].copy_(self.lora_A[name])
+        self.slot_B[:, :r].copy_(self.lora_B[name])
+        self.slot_s.fill_(self.scaling[name])
+
+    def _slot_forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.kind.meets == "matmul":
+            return core.lora_linear(y, x, self.slot_A, self.slot_B, self.slot_s, 0.0, inplace=self.owns_output(),
+                                    cdt=core.compute_dtype(x, self.slot_A, self.state.compute_dtype))
+        h = core.lora_out(x, self.slot_A, self.slot_B, self.slot_s, project=partial(self.kind.apply_a, self.base_layer),
+                          channel_dim=self.kind.channel_dim)
+        return y + h.to(y.dtype)
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         st = self.state
+        if st.slot_layers:  # prepared for compile: the active adapter lives in the slots
+            return self._slot_forward(x, self.base_layer(x, *args, **kwargs))
         w = self._merge_on_the_fly(x, st) if not args and not kwargs else None
         if w is not None:
             return core.linear_merged(x, self.kind.matrix(self.base_layer), self.base_layer.bias, *w)
@@ -233,6 +282,8 @@ class ModulesToSave(_Wrapper):
     def add(self, name: str, tensors: dict[str, Tensor] | None = None) -> None:
         """A trainable copy of the original for `name`, holding `tensors` (a state dict) if given."""
         clone = copy_with(self.original_module, tensors) if tensors is not None else copy.deepcopy(self.original_module)
+        if any(p.dtype in core.LOW_PRECISION for p in clone.parameters()):
+            clone.float()  # a trainable copy of a bf16/fp16 module: float32 master weights (run_saved casts)
         for p in clone.parameters():
             p.requires_grad_(True)
         self.modules_to_save[name] = clone
@@ -248,8 +299,17 @@ class ModulesToSave(_Wrapper):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         st = self.state
         if st.rows is None or st.disabled:
-            return self.current()(x, *args, **kwargs)
+            return run_saved(self.current(), x, args, kwargs)
         return st.rows.saved_forward(self, x, args, kwargs)
+
+
+def run_saved(module: nn.Module, x: Tensor, args: tuple = (), kwargs: dict | None = None) -> Tensor:
+    """module(x, ...), with a floating x cast to the module's dtype where they differ (a float32
+    copy of a bf16 model's head: its output stays float32, as logits for a loss should)."""
+    p = next(module.parameters(), None)
+    if p is not None and torch.is_tensor(x) and x.is_floating_point() and x.dtype != p.dtype:
+        x = x.to(p.dtype)
+    return module(x, *args, **(kwargs or {}))
 
 
 def copy_with(module: nn.Module, tensors: dict[str, Tensor]) -> nn.Module:
@@ -305,6 +365,16 @@ def require_state(model: nn.Module) -> LoraState:
     if st is None or not st.configs:
         raise LoraError("this model has no LoRA adapters: call inject() or load_adapter() first")
     return st
+
+
+def set_compute_dtype(model: nn.Module, dtype: Any = "auto") -> None:
+    """The dtype the adapters' matmuls run in. "auto" (default): a bf16/fp16 base runs them in its
+    own precision (bf16 matmuls accumulate in float32; A and B stay float32 master weights, their
+    gradients and optimizer state too); torch.float32: every adapter matmul in float32, inputs
+    cast up (the slower path lorakit took on low-precision bases before)."""
+    if dtype != "auto" and dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        raise LoraError(f"set_compute_dtype: {dtype!r}; expected 'auto' or a float torch dtype")
+    require_state(model).compute_dtype = dtype
 
 
 def require_adapter(state: LoraState, name: Any) -> None:

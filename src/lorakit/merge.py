@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from .errors import LoraError
 from .layer import LoraLayer, lora_layers, replace_module, require_adapter, require_state, saved_modules, state_of
+from .params import module_wrappers, shared_elsewhere
+from .tokens import TokenLayer
 
 
 @dataclass(frozen=True)
@@ -34,7 +36,10 @@ class MergeReport:
 
 @torch.no_grad()
 def merge(model: nn.Module, adapter: str | list[str] | None = None, *, keep_original: bool = False) -> MergeReport:
-    """Write the active adapters (or `adapter`) into the base weights; their LoRA path then idles."""
+    """Write the active adapters (or `adapter`) into the base weights; their LoRA path then idles.
+
+    Also merged: a bias on B (lora_bias) into the base bias, LoRA on parameters into those
+    parameters, trainable token rows into their embedding (lorakit.params, lorakit.tokens)."""
     state = require_state(model)
     names = list(state.active) if adapter is None else [adapter] if isinstance(adapter, str) else list(adapter)
     for n in names:
@@ -42,8 +47,11 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None, *, keep_orig
         if n not in state.active:
             raise LoraError(f"adapter {n!r} is not active: set_adapter(model, {n!r}) before merging it")
     _check_tied(model)
+    layers = lora_layers(model)
+    wrappers = [(p, w) for p, w in module_wrappers(model) if not (isinstance(w, TokenLayer) and w.tied is not None)]
+    _check_mergeable(model, layers, wrappers, names)
     worst, count = 0.0, 0
-    for _, layer in lora_layers(model):
+    for _, layer in layers:
         for n in names:
             if n not in layer.lora_A or n in layer.merged:
                 continue
@@ -55,10 +63,57 @@ def merge(model: nn.Module, adapter: str | list[str] | None = None, *, keep_orig
             layer.kind.store(layer.base_layer, exact.to(current.dtype))
             stored = layer.kind.matrix(layer.base_layer).float()
             worst = max(worst, (stored - exact).abs().max().item())
+            d = _bias_delta(layer, n)
+            if d is not None:  # lora_bias: s * b into the base bias, float32 sum, one rounding
+                bias = layer.base_layer.bias
+                if keep_original:
+                    _kept_biases(layer)[n] = bias.detach().clone()
+                exact_b = bias.float() + d
+                bias.copy_(exact_b.to(bias.dtype))
+                worst = max(worst, (bias.float() - exact_b).abs().max().item())
             layer.merged.append(n)
             state.n_merged += 1
             count += 1
+    for _, wrapper in wrappers:
+        for n in names:
+            if n not in wrapper.adapters() or n in wrapper.merged:
+                continue
+            err = wrapper.merge(n) if isinstance(wrapper, TokenLayer) else wrapper.merge(n, keep_original)
+            worst = max(worst, err)
+            state.n_merged += 1
+            count += 1
     return MergeReport(tuple(names), count, worst)
+
+
+def _bias_delta(layer: LoraLayer, name: str) -> Tensor | None:
+    """What merging `name` adds to the layer's base bias (a variant without bias_delta: nothing)."""
+    get = getattr(layer.variants[name], "bias_delta", None)
+    return get(layer, name) if get is not None else None
+
+
+def _kept_biases(layer: LoraLayer) -> dict[str, Tensor]:
+    """Biases kept at merge time (keep_original), by adapter: kept on the layer object itself."""
+    return layer.__dict__.setdefault("kept_biases", {})
+
+
+def _check_mergeable(model: nn.Module, layers: list, wrappers: list, names: list[str]) -> None:
+    """Everything a merge will write can be written, checked before any weight changes."""
+    for path, layer in layers:
+        for n in names:
+            if n in layer.lora_A and n not in layer.merged and _bias_delta(layer, n) is not None \
+                    and getattr(layer.base_layer, "bias", None) is None:
+                raise LoraError(f"cannot merge adapter {n!r} into {path}: its bias on B (lora_bias) needs a bias on the "
+                                f"base {type(layer.base_layer).__name__}, which has none (PEFT refuses this merge too); "
+                                "keep the adapter unmerged")
+    for path, wrapper in wrappers:
+        if isinstance(wrapper, TokenLayer):
+            continue
+        for n in names:
+            for pname in wrapper.params_of(n) if n not in wrapper.merged else ():
+                others = shared_elsewhere(model, wrapper, path, pname)
+                if others:
+                    raise LoraError(f"cannot merge into {path}.{pname}: the parameter is shared with {others} (tied); "
+                                    "merging would change them too. Keep the adapter unmerged")
 
 
 _merge_active = merge  # for unload(), whose `merge` argument hides this function
@@ -72,6 +127,7 @@ def unmerge(model: nn.Module) -> None:
         while layer.merged:
             n = layer.merged.pop()
             state.n_merged -= 1
+            d = _bias_delta(layer, n)
             original = layer.originals.pop(n, None)
             if original is not None:
                 if layer.kind.write is not None:  # quantized: put the kept weight object back
@@ -82,6 +138,14 @@ def unmerge(model: nn.Module) -> None:
             else:
                 current = layer.kind.matrix(layer.base_layer)
                 layer.kind.store(layer.base_layer, layer.variants[n].unmerge(layer, n, current.float()).to(current.dtype))
+            if d is not None:
+                bias = layer.base_layer.bias
+                kept = _kept_biases(layer).pop(n, None)
+                bias.copy_(kept if kept is not None else (bias.float() - d).to(bias.dtype))
+    for _, wrapper in module_wrappers(model):
+        while wrapper.merged and not (isinstance(wrapper, TokenLayer) and wrapper.tied is not None):
+            wrapper.unmerge_last()
+            state.n_merged -= 1
 
 
 @contextmanager
@@ -100,7 +164,7 @@ def merged_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str,
     computed without changing the model: for exporting a merged checkpoint."""
     state = require_state(model)
     names = list(state.active) if adapter is None else [adapter]
-    wrappers = dict(lora_layers(model))
+    wrappers: dict[str, nn.Module] = dict(lora_layers(model))
     kept = dict(saved_modules(model))
     weights: dict[str, Tensor] = {}
     for path, layer in wrappers.items():
@@ -110,10 +174,28 @@ def merged_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str,
                 "call lorakit.quant.dequantize(model) first for a dense export, or merge(model) to requantize in place"
             )
         m = layer.kind.matrix(layer.base_layer).float()
+        bias = getattr(layer.base_layer, "bias", None)
+        b = bias.detach().float() if bias is not None else None
         for n in names:
             if n in layer.lora_A and n not in layer.merged:
                 m = layer.variants[n].merge(layer, n, m, record=False)
+                d = _bias_delta(layer, n)
+                if d is not None:
+                    if b is None:
+                        raise LoraError(f"merged_state_dict: adapter {n!r} has a bias on B (lora_bias) but {path} has "
+                                        "no bias to merge it into")
+                    b = b + d
         weights[f"{path}.weight"] = _from_matrix(layer, m.to(layer.base_layer.weight.dtype))
+        if b is not None:
+            weights[f"{path}.bias"] = b.to(bias.dtype)
+    for path, wrapper in module_wrappers(model):
+        wrappers[path] = wrapper
+        if isinstance(wrapper, TokenLayer):
+            w = wrapper.merged_weight(names)
+            if w is not None:
+                weights[f"{path}.weight"] = w
+        else:
+            weights.update({f"{path}.{p}": v for p, v in wrapper.merged_values(names).items()})
     out: dict[str, Tensor] = {}
     for key, value in model.state_dict().items():
         plain = _plain_key(key, wrappers, kept, names)
@@ -179,7 +261,7 @@ def unload(model: nn.Module, merge: bool = False) -> nn.Module:
         _merge_active(model)
     else:
         unmerge(model)
-    for path, layer in lora_layers(model):
+    for path, layer in [*lora_layers(model), *module_wrappers(model)]:
         replace_module(model, path, layer.base_layer)
     for path, mod in saved_modules(model):
         replace_module(model, path, mod.current() if merge else mod.original_module)

@@ -70,10 +70,12 @@ def inspect_adapter(folder: str | os.PathLike) -> dict:
     config, tensors = read_adapter(folder)
     parts: dict[str, dict[str, Tensor]] = {}
     other = 0
+    extras = extra_keys()
     for key, t in tensors.items():
         m = _KEY.match(key)
-        if m:
-            parts.setdefault(m["path"], {})[m["which"].split(".")[0].replace("embedding_", "")] = t
+        if m:  # a variant's keys stay whole ("lora_B.bias" is not lora_B)
+            which = m["which"] if m["which"] in extras else m["which"].split(".")[0].replace("embedding_", "")
+            parts.setdefault(m["path"], {})[which] = t
         else:
             other += t.numel()
     layers = []
@@ -88,7 +90,7 @@ def inspect_adapter(folder: str | os.PathLike) -> dict:
         s = scaling(config.alpha_for(path), config.rank_for(path), config.rslora)
         sv = spectrum(A, B, s)
         layers.append(LayerInfo(path, r, s, (B.shape[0], A.shape[1]), sv.tolist(), effective_rank(sv),
-                                any(k in d for k in extra_keys())))
+                                any(k in d for k, v in extras.items() if v.name == "dora")))
     cfg = {f.name: getattr(config, f.name) for f in fields(config)}
     return {
         "folder": str(folder),

@@ -4,7 +4,7 @@
         --task classification --epochs 2 --out runs/topic --save-every 50
     lorakit train ... --resume          # after a crash or a kill: continues, same result
     lorakit train --config run.toml     # the same options in a TOML file ([train] table or top level)
-    torchrun --nproc-per-node 4 --no-python lorakit train ... [--strategy fsdp]   # N processes
+    torchrun --nproc-per-node 4 --no-python lorakit train ... --rank 8 [--strategy fsdp]   # N processes
 """
 
 from __future__ import annotations
@@ -21,10 +21,15 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--data",), dict(help="training data, JSONL or CSV: {text,label} or {prompt,completion} or {text}")),
     (("--eval-data",), dict(help="held-out data in the same format, evaluated every epoch")),
     (("--task",), dict(choices=["classification", "causal-lm"], help="default: classification")),
-    (("--targets",), dict(help="auto (default), all-linear, or module names: q_proj,v_proj")),
-    (("--r",), dict(type=int, help="LoRA rank (default 8)")),
+    (("--targets",), dict(help="auto (default), all-linear, or module names: q_proj,v_proj (names of parameters, "
+                               "such as mlp.experts.gate_up_proj, go to --target-parameters)")),
+    (("--target-parameters",), dict(help="LoRA on nn.Parameters, e.g. MoE experts: mlp.experts.gate_up_proj,"
+                                         "mlp.experts.down_proj (PEFT's target_parameters)")),
+    # --rank first: under torchrun, `--r` is an ambiguous prefix of torchrun's own options (--rdzv-*,
+    # --role, ...) and torchrun exits before lorakit starts; --r stays for one process
+    (("--rank", "--r"), dict(type=int, dest="r", help="LoRA rank (default 8); --r is short for it outside torchrun")),
     (("--alpha",), dict(type=float, help="LoRA alpha (default 16)")),
-    (("--dropout",), dict(type=float, help="LoRA dropout (default 0.05)")),
+    (("--dropout",), dict(type=float, help="LoRA dropout (default 0.05; 0 when parameters are targeted)")),
     (("--epochs",), dict(type=int, help="passes over the data (default 1)")),
     (("--steps",), dict(type=int, help="optimizer steps instead of --epochs")),
     (("--lr",), dict(type=float, help="learning rate (default 5e-4 LoRA, 5e-5 full, 1e-3 head-only)")),
@@ -42,6 +47,10 @@ _FLAGS: list[tuple[tuple[str, ...], dict]] = [
     (("--strategy",), dict(choices=["ddp", "fsdp"],
                            help="under torchrun: ddp (default; adapter gradients all-reduced) or fsdp "
                                 "(FSDP2: the frozen base sharded across processes); --batch-size is per process")),
+    (("--precision",), dict(choices=["auto", "fp32", "bf16", "fp16"],
+                            help="auto (default): bf16 where the hardware runs it fast (CUDA with bf16, CPUs with "
+                                 "AMX-BF16/AVX512-BF16), else fp32. The base in that precision, LoRA's matmuls too; "
+                                 "the adapter's master weights, gradients and optimizer state stay float32")),
     (("--quantize",), dict(choices=list(QUANTIZE),
                            help="hold the frozen base in 4/8 bits (QLoRA): nf4, fp4, int8 (bitsandbytes), int8-wo (torchao)")),
 ]
@@ -62,14 +71,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def run(args: argparse.Namespace) -> int:
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig the parsed flags describe (over --config's file when given)."""
     values = {k: v for k, v in vars(args).items() if k not in ("command", "config", "quiet") and v is not None}
     if args.quiet:
         values["progress"] = False
     if args.config:
-        cfg = TrainConfig.from_file(args.config, **values)
-    else:
-        cfg = TrainConfig.from_dict(values, source="lorakit train")
+        return TrainConfig.from_file(args.config, **values)
+    return TrainConfig.from_dict(values, source="lorakit train")
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
     try:
         train(cfg)
     except RuntimeError as e:  # under torchrun: another process died mid-collective

@@ -9,10 +9,12 @@ from typing import Any
 
 from ..errors import LoraError
 from ..quant import QUANTIZE
+from .precision import PRECISIONS
 
 TASKS = ("classification", "causal-lm")
 # Learning rates that work out of the box per mode (LoRA's update is small: it takes a larger lr).
 DEFAULT_LR = {"lora": 5e-4, "full": 5e-5, "head": 1e-3}
+DEFAULT_DROPOUT = 0.05  # LoRA dropout unless given; 0 when parameters are targeted (no input to drop out)
 # Options that change the result: a checkpoint is resumed only when these agree.
 RESULT_FIELDS = ("model", "task", "targets", "r", "alpha", "dropout", "epochs", "steps", "lr",
                  "batch_size", "seed", "full", "head_only", "max_length", "warmup", "weight_decay", "quantize")
@@ -27,10 +29,11 @@ class TrainConfig:
     out: str
     task: str = "classification"
     eval_data: str | None = None
-    targets: str | list[str] = "auto"  # auto | all-linear | list of module names
+    targets: str | list[str] = "auto"  # auto | all-linear | list of module (or parameter) names
+    target_parameters: list[str] | None = None  # LoRA on nn.Parameters (MoE experts): PEFT's target_parameters
     r: int = 8
     alpha: float = 16.0
-    dropout: float = 0.05
+    dropout: float | None = None  # None: DEFAULT_DROPOUT, or 0 when parameters are targeted (PEFT allows no other)
     epochs: int | None = None  # default 1 when neither epochs nor steps is given
     steps: int | None = None
     lr: float | None = None  # default DEFAULT_LR[mode]
@@ -49,6 +52,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
     quantize: str | None = None  # nf4 | fp4 | int8 | int8-wo: the frozen base quantized (lorakit.quant)
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (lorakit.train.precision)
     strategy: str = "ddp"  # ddp | fsdp: how torchrun's processes share the work (ignored in one process)
 
     def __post_init__(self) -> None:
@@ -69,6 +73,14 @@ class TrainConfig:
             self.targets = list(self.targets)
             if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
                 bad("targets", "expected 'auto', 'all-linear' or a comma-separated list of module names")
+        if isinstance(self.target_parameters, str):
+            self.target_parameters = [t.strip() for t in self.target_parameters.split(",") if t.strip()]
+        if self.target_parameters is not None and (
+                not isinstance(self.target_parameters, (list, tuple)) or not self.target_parameters
+                or not all(isinstance(t, str) and t for t in self.target_parameters)):
+            bad("target_parameters", "expected a comma-separated list of parameter names: mlp.experts.gate_up_proj,...")
+        if self.target_parameters is not None:
+            self.target_parameters = list(self.target_parameters)
         for name in ("r", "batch_size", "max_length", "max_new_tokens"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
@@ -88,7 +100,7 @@ class TrainConfig:
                 bad(name, "must be a number")
         if self.lr is not None and (not isinstance(self.lr, (int, float)) or self.lr <= 0):
             bad("lr", "must be a positive number")
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+        if self.dropout is not None and (not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1):
             bad("dropout", "must be in [0, 1)")
         if not isinstance(self.warmup, (int, float)) or not 0 <= self.warmup < 1:
             bad("warmup", "must be a fraction in [0, 1)")
@@ -96,6 +108,8 @@ class TrainConfig:
             bad("quantize", f"expected one of {list(QUANTIZE)}")
         if self.strategy not in ("ddp", "fsdp"):
             bad("strategy", "expected ddp or fsdp")
+        if self.precision not in PRECISIONS:
+            bad("precision", f"expected one of {list(PRECISIONS)}")
         if self.quantize and self.full:
             bad("quantize", "full fine-tuning cannot train a quantized base; drop --full or --quantize")
         if self.full and self.head_only:
@@ -111,10 +125,18 @@ class TrainConfig:
     def learning_rate(self) -> float:
         return float(self.lr) if self.lr is not None else DEFAULT_LR[self.mode]
 
-    def result_options(self) -> dict[str, Any]:
+    def result_options(self, precision: str = "fp32") -> dict[str, Any]:
+        """The options that decide the result; `precision`: the one the run resolved to."""
         d = asdict(self)
         d["lr"] = self.learning_rate
-        return {k: d[k] for k in RESULT_FIELDS}
+        if d["dropout"] is None:  # as recorded before dropout could be left to the targets
+            d["dropout"] = DEFAULT_DROPOUT
+        out = {k: d[k] for k in RESULT_FIELDS}
+        if self.target_parameters:  # only when used: checkpoints made before the option still resume
+            out["target_parameters"] = self.target_parameters
+        if precision != "fp32":  # (likewise: runs before --precision were float32)
+            out["precision"] = precision
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -122,14 +144,14 @@ class TrainConfig:
     @classmethod
     def from_file(cls, path: str | Path, **overrides: Any) -> "TrainConfig":
         """Options from a TOML file (keys as the CLI flags, '-' or '_'), then `overrides` on top."""
-        values = read_toml(path)
-        values.update({k: v for k, v in overrides.items() if v is not None})
+        values = _aliases(read_toml(path), str(path))
+        values.update(_aliases({k: v for k, v in overrides.items() if v is not None}, "command line"))
         return cls.from_dict(values, source=str(path))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "options") -> "TrainConfig":
         known = {f.name for f in fields(cls)}
-        values = {k.replace("-", "_"): v for k, v in values.items()}
+        values = _aliases({k.replace("-", "_"): v for k, v in values.items()}, source)
         unknown = sorted(set(values) - known)
         if unknown:
             raise LoraError(f"{source}: unknown train options {unknown}; known: {sorted(known)}")
@@ -137,6 +159,21 @@ class TrainConfig:
         if missing:
             raise LoraError(f"{source}: missing required options {missing}")
         return cls(**values)
+
+
+# option spellings that name the same field: `rank` is --rank's (the form torchrun lets through)
+ALIASES = {"rank": "r"}
+
+
+def _aliases(values: dict[str, Any], source: str) -> dict[str, Any]:
+    out = dict(values)
+    for alias, name in ALIASES.items():
+        if alias in out:
+            value = out.pop(alias)
+            if name in out and out[name] != value:
+                raise LoraError(f"{source}: {alias}={value!r} and {name}={out[name]!r} name the same option; give one")
+            out[name] = value
+    return out
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:

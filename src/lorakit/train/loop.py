@@ -31,8 +31,9 @@ from ..files import replace_dir
 from ..inject import DEFAULT_TARGETS
 from ..io import WEIGHTS_NAME
 from ..models import load_model
-from . import checkpoint, data, metrics
-from .config import TrainConfig
+from ..params import split_targets
+from . import checkpoint, data, metrics, precision
+from .config import DEFAULT_DROPOUT, TrainConfig
 from .dist import Dist
 from .loss import causal_lm_loss
 
@@ -119,6 +120,10 @@ class _Run:
         t0 = time.time()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
+        self.device = _device(cfg.device)
+        self.precision = precision.resolve(cfg.precision, self.device, full=cfg.full)  # before anything loads
+        if self.dist.is_main and cfg.progress:
+            print(f"lorakit train: precision {self.precision.name} ({self.precision.why})", flush=True)
         train_ex = data.load_examples(cfg.data, cfg.task)
         eval_ex = data.load_examples(cfg.eval_data, cfg.task) if cfg.eval_data else []
         self.labels = None
@@ -132,8 +137,8 @@ class _Run:
 
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.device = _device(cfg.device)
-        loaded = load_model(cfg.model, cfg.task, self.labels, quantize=cfg.quantize, device=str(self.device))
+        loaded = load_model(cfg.model, cfg.task, self.labels, dtype=self.precision.dtype, quantize=cfg.quantize,
+                            device=str(self.device))
         self.tok = loaded.tokenizer
         model = loaded.model.to(self.dist.load_device(self.device))
         self.base_bytes = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
@@ -166,8 +171,13 @@ class _Run:
             if targets == "auto":
                 model_type = getattr(model.config, "model_type", None)
                 targets = None if model_type in DEFAULT_TARGETS else "all-linear"
+            params = list(cfg.target_parameters or [])
+            if isinstance(targets, list):  # entries naming parameters (MoE experts) go to target_parameters
+                targets, named = split_targets(model, targets)
+                params += [p for p in named if p not in params]
+            dropout = cfg.dropout if cfg.dropout is not None else 0.0 if params else DEFAULT_DROPOUT
             lcfg = lk.LoraConfig(
-                r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout, targets=targets,
+                r=cfg.r, alpha=cfg.alpha, dropout=dropout, targets=targets, target_parameters=params or None,
                 modules_to_save=heads or None,
                 task_type="SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM",
                 base_model_name_or_path=cfg.model,
@@ -189,9 +199,10 @@ class _Run:
         wrapped = dist.wrap(model)  # before the optimizer: FSDP swaps parameters for shards
         self.trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
         opt = torch.optim.AdamW(list(self.trainable.values()), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        scaler = torch.amp.GradScaler(self.device.type) if self.precision.needs_scaler else None
         sched = torch.optim.lr_scheduler.LambdaLR(opt, _linear_schedule(int(cfg.warmup * total), total))
         fingerprint = {
-            "options": {**cfg.result_options(), "batch_size": cfg.batch_size * dist.world_size},  # global
+            "options": {**cfg.result_options(self.precision.name), "batch_size": cfg.batch_size * dist.world_size},
             "data": checkpoint.file_fingerprint(cfg.data),
             "eval_data": checkpoint.file_fingerprint(cfg.eval_data) if cfg.eval_data else None,
         }
@@ -227,8 +238,13 @@ class _Run:
                 raw = wrapped(**batch).loss
             loss = dist.scale_loss(raw, batch["labels"], cfg.task, real=bool(idx))
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is not None:  # fp16: the loss scaled up so small gradients survive, unscaled to step
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
+            else:
+                loss.backward()
+                opt.step()
             sched.step()
             value = dist.reduce_mean(loss.item())
             if not math.isfinite(value):
@@ -357,6 +373,7 @@ class _Run:
             "final_eval": hist["epochs"][-1].get("eval") if hist["epochs"] else None,
             "epochs": hist["epochs"], "loss_history": hist["loss_history"],
             "device": str(self.device), "threads": torch.get_num_threads(),
+            "precision": self.precision.name, "precision_reason": self.precision.why,
             "distributed": self.dist.describe(),
             "config": cfg.to_dict(),
         }
