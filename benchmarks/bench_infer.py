@@ -5,6 +5,8 @@ FLOP limit: per targeted layer and token LoRA adds 2r(d_in + d_out) FLOPs to the
 (attention score FLOPs included); the goal is measured overhead <= 1.5x the limit's overhead.
 "unmerged" is the adapter path itself; "lorakit" is the default forward, which for a no-grad pass
 over this many tokens (512 > in*out/(in+out)) merges dW into W on the fly instead.
+--dtype bfloat16: the base in bf16 (the adapters' master weights float32, their matmuls bf16);
+results go to inference_bf16.json.
 """
 
 from __future__ import annotations
@@ -55,7 +57,9 @@ def main(argv=None) -> None:
     ap.add_argument("--size", default=None)
     ap.add_argument("--reps", type=int, default=15)
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = ap.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     torch.set_num_threads(args.threads)
     import lorakit as lk
     from peft import LoraConfig, get_peft_model
@@ -63,7 +67,7 @@ def main(argv=None) -> None:
     size = args.size or ("full" if args.device.startswith("cuda") else "small")
     rows = []
     for model_name in (["llama"] if args.quick else ["llama", "gpt2"]):
-        base = build_model(model_name, size, device=args.device).eval()
+        base = build_model(model_name, size, device=args.device, dtype=dtype).eval()
         batch = torch.randint(0, 16000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)).to(args.device)
         for r, targets in [(8, "attention"), (16, "all-linear")]:
             ours = copy.deepcopy(base)
@@ -82,7 +86,7 @@ def main(argv=None) -> None:
             base_f = model_flops_per_token(base, SEQ)
             extra_f = lora_flops_per_token(ours, r)
             limit_overhead = extra_f / base_f
-            row = {"model": model_name, "r": r, "targets": targets,
+            row = {"model": model_name, "dtype": args.dtype, "r": r, "targets": targets,
                    "base_s": median(t["base"]), "lorakit_s": median(t["lorakit"]), "peft_s": median(t["peft"]),
                    "merged_s": median(t["lorakit_merged"]), "unmerged_s": median(t["lorakit_unmerged"]),
                    "flop_limit_ratio": 1 + limit_overhead}
@@ -98,8 +102,9 @@ def main(argv=None) -> None:
             print(json.dumps(row), flush=True)
     goals = {"unmerged overhead <= 1.5x FLOP limit": all(r["overhead_vs_limit"] <= 1.5 for r in rows),
              "merged == base within 3%": all(abs(r["merged_ratio"] - 1) <= 0.03 for r in rows)}
-    suffix = "" if args.device == "cpu" else "_gpu"
-    payload = {"environment": environment(args.device, args.threads), "size": size, "batch": [BATCH, SEQ],
+    suffix = ("" if args.device == "cpu" else "_gpu") + ("_bf16" if args.dtype == "bfloat16" else "")
+    payload = {"environment": environment(args.device, args.threads), "size": size, "dtype": args.dtype,
+               "batch": [BATCH, SEQ],
                "rows": rows, "goals": goals}
     stem = write_results("inference", payload, rows, suffix)
     labels = [f"{r['model']} r{r['r']} {r['targets']}" for r in rows]
@@ -107,7 +112,7 @@ def main(argv=None) -> None:
         "FLOP limit": [r["flop_limit_ratio"] for r in rows], "lorakit unmerged": [r["unmerged_ratio"] for r in rows],
         "lorakit default": [r["lorakit_ratio"] for r in rows],
         "PEFT unmerged": [r["peft_ratio"] for r in rows], "lorakit merged": [r["merged_ratio"] for r in rows]},
-        f"forward time / base ({args.device}, {args.threads} threads)", "ratio to base", hline=1.0)
+        f"forward time / base ({args.device}, {args.dtype}, {args.threads} threads)", "ratio to base", hline=1.0)
     print(json.dumps(goals))
 
 

@@ -10,14 +10,24 @@ import subprocess
 import sys
 import time
 
-SUITE = {
-    "train": ("benchmarks.bench_train", True),  # (module, takes --quick)
-    "infer": ("benchmarks.bench_infer", True),
-    "adapters": ("benchmarks.bench_adapters", False),
-    "multi_adapter": ("benchmarks.bench_multi_adapter", False),
-    "serve": ("benchmarks.bench_serve", False),  # continuous vs static batching in the serving engine
-    "quant": ("benchmarks.bench_quant", False),
-    "scaling": ("benchmarks.bench_scaling", True),  # torchrun, 1 vs 2 processes
+BF16 = ["--dtype", "bfloat16"]
+SUITE = {  # name: (module, takes --quick, extra arguments)
+    "train": ("benchmarks.bench_train", True, []),
+    "train_bf16": ("benchmarks.bench_train", True, BF16),
+    "infer": ("benchmarks.bench_infer", True, []),
+    "infer_bf16": ("benchmarks.bench_infer", True, BF16),
+    "compile": ("benchmarks.bench_compile", False, []),  # torch.compile: recompiles, eager vs compiled
+    "adapters": ("benchmarks.bench_adapters", False, []),
+    "multi_adapter": ("benchmarks.bench_multi_adapter", False, []),
+    "multi_adapter_no_grad": ("benchmarks.bench_multi_adapter", False, ["--grad-mode", "no_grad"]),
+    "multi_adapter_bf16": ("benchmarks.bench_multi_adapter", False, BF16),
+    "serve": ("benchmarks.bench_serve", False, []),  # continuous vs static batching in the serving engine
+    "quant": ("benchmarks.bench_quant", False, []),
+    "scaling": ("benchmarks.bench_scaling", True, []),  # torchrun, 1 vs 2 processes
+    "soak": ("benchmarks.bench_soak", False, []),  # a real server under hostile and honest clients
+    "drift": ("benchmarks.bench_drift", False, []),  # batched vs alone, float32 and bf16
+    "precision": ("benchmarks.bench_precision", False, []),  # the demo's tasks, bf16 vs fp32, 5 seeds
+    "profile": ("benchmarks.profile_step", False, []),  # where a bf16 training step's time goes
 }
 
 
@@ -30,8 +40,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     failed = []
     for name in args.only.split(","):
-        module, has_quick = SUITE[name]
-        cmd = [sys.executable, "-m", module, "--device", args.device, "--threads", str(args.threads)]
+        module, has_quick, extra = SUITE[name]
+        cmd = [sys.executable, "-m", module, "--device", args.device, "--threads", str(args.threads), *extra]
         if args.quick and has_quick:
             cmd.append("--quick")
         if name == "quant" and args.device != "cpu":

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
 from test_train_support import bert_folder, topic_records
 
 from lorakit.cli.demo import DemoTask, run_demo
+from lorakit.train.precision import bf16_hardware
 
 KEYS = ("head_only_accuracy", "lora_accuracy", "full_accuracy", "trainable_fraction", "adapter_bytes",
         "base_bytes", "peak_memory_lora_mb", "peak_memory_full_mb")
@@ -16,7 +19,11 @@ def _two(records):
     return [dict(r, label="tech" if r["label"] == "tech" else "other") for r in records]
 
 
-def test_demo_summary_swap_and_merge_on_a_tiny_model(tmp_path):
+BF16 = pytest.mark.skipif(not bf16_hardware(torch.device("cpu"))[0], reason="this CPU has no fast bf16")
+
+
+@pytest.mark.parametrize("precision", ["fp32", pytest.param("bf16", marks=BF16)])
+def test_demo_summary_swap_and_merge_on_a_tiny_model(tmp_path, precision):
     model = bert_folder(tmp_path / "bert")
     tasks = [
         DemoTask("topic", "3 word lists", lambda: (topic_records(40), topic_records(12, 1)), max_length=16,
@@ -26,8 +33,12 @@ def test_demo_summary_swap_and_merge_on_a_tiny_model(tmp_path):
     ]
     out = tmp_path / "demo"
     # jobs=0: the runs in this process (the subprocess runner is exercised by `make demo`)
-    summary = run_demo(out, tasks, model=str(model), jobs=0, threads=1)
+    summary = run_demo(out, tasks, model=str(model), jobs=0, threads=1, precision=precision)
     saved = json.loads((out / "summary.json").read_text())
+    assert saved["precision"] == precision
+    for name in ("topic", "sentiment"):  # every run trained in the precision asked for
+        for mode in ("head", "lora", "full"):
+            assert json.loads((out / name / mode / "metrics.json").read_text())["precision"] == precision
     assert saved["tasks"].keys() == {"topic", "sentiment"}
     for name, task in saved["tasks"].items():
         for key in KEYS:

@@ -462,3 +462,36 @@ def test_a_row_ending_on_eos_flushes_a_held_back_partial_character(long_lm):
     text = "".join(p[1] for ev, p in got if ev == "delta")
     assert text == tok.decode([ord("h"), 0xC3], skip_special_tokens=True) == "h\ufffd"
     assert got[-1] == ("finish", (0, "stop", 2))
+
+
+def emit_of(text, done):
+    def emit(ev, payload):
+        if ev == "delta":
+            text.append(payload[1])
+        elif ev in ("finish", "error"):
+            done.set()
+    return emit
+
+
+def test_engine_hands_the_frozen_head_a_contiguous_input(long_lm):
+    """The engine keeps only the last position's logits (logits_to_keep=1): a strided slice that,
+    with the served model's frozen head, takes torch's slow broadcast matmul unless copied."""
+    from lorakit.serve import engine as eng
+
+    e = eng.Engine(str(long_lm["model_dir"]), long_lm["adapters"], max_resident=3, wait_ms=300)
+    try:
+        seen = []
+        e.model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+        jobs = [("alpha", PROMPTS[3]), ("beta", PROMPTS[0]), (None, PROMPTS[1])]  # one prefill of 3 rows
+        outs = []
+        for model, prompt in jobs:
+            outs.append((model, prompt, [], threading.Event()))
+        for model, prompt, text, done in outs:  # submitted together: one batch
+            e.submit(eng.GenRequest(e.pin(model or e.base_name), long_lm["tok"](prompt)["input_ids"], 4, 0.0,
+                                    emit=emit_of(text, done)))
+        for model, prompt, text, done in outs:
+            assert done.wait(60)
+            assert "".join(text) == expected(long_lm, model, prompt, 4), model
+        assert e.metrics["batches"] == 1 and seen and all(seen)
+    finally:
+        e.close()

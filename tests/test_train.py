@@ -154,3 +154,39 @@ def test_model_argument_resolution(tmp_path, monkeypatch):
     first = models.cached_conversion("m", build)
     assert models.cached_conversion("m", build) == first and len(calls) == 1
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["m"]  # no temp folders left
+
+
+def _head_inputs(model) -> tuple[list[bool], object]:
+    seen: list[bool] = []
+    handle = model.get_output_embeddings().register_forward_pre_hook(lambda m, a: seen.append(a[0].is_contiguous()))
+    return seen, handle
+
+
+def test_generate_hands_a_frozen_head_a_contiguous_input():
+    """transformers' generate gives the head a strided slice (the last position only); with a frozen
+    head weight torch's CPU matmul then broadcasts the vocab x hidden weight over the batch (seconds
+    and a GB for SmolLM2 in bf16). lorakit's generate copies the slice; the answers are unchanged."""
+    from tiny import tiny_llama
+
+    from lorakit.train import generate
+
+    class Tok:
+        pad_token_id, eos_token_id = 0, 127
+
+        def decode(self, row, skip_special_tokens=True):
+            return " ".join(map(str, row))
+
+    model = tiny_llama(pad_token_id=0).requires_grad_(False)
+    prompts = [[5, 6, 7, 8], [9, 10], [11, 12, 13]]
+    seen, handle = _head_inputs(model)
+    ids = torch.tensor([[0, 5, 6, 7, 8], [0, 0, 0, 9, 10], [0, 0, 11, 12, 13]])
+    plain = model.generate(input_ids=ids, attention_mask=(ids != 0).long(), max_new_tokens=3, do_sample=False,
+                           pad_token_id=0, eos_token_id=127)
+    assert not all(seen), "transformers no longer slices the head's input: this fix may go"
+    seen.clear()
+    texts = generate(model, Tok(), prompts, 3, batch_size=3)
+    handle.remove()
+    assert seen and all(seen)
+    width = ids.shape[1]
+    assert texts == [" ".join(map(str, row)) for row in plain[:, width:].tolist()]
+    assert not model.get_output_embeddings()._forward_pre_hooks  # the hook left with the call

@@ -115,8 +115,11 @@ def test_optimizer_state_round_trips_without_pickle():
     assert torch.equal(p, q)
 
 
-def test_resume_refuses_other_options(tmp_path):
+def test_resume_refuses_other_options(tmp_path, monkeypatch):
     from lorakit import LoraError
+    from lorakit.train import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: "AMX-BF16")  # auto = bf16 (emulated where it is not fast)
 
     model = bert_folder(tmp_path / "bert")
     data = write_jsonl(tmp_path / "train.jsonl", topic_records(16))
@@ -134,6 +137,8 @@ def test_resume_refuses_other_options(tmp_path):
     assert ck.latest(tmp_path / "o") is not None
     with pytest.raises(LoraError, match=r"other options.*lr"):
         train(resume=True, lr=1e-2, **common)
+    with pytest.raises(LoraError, match=r"other options.*precision"):  # the run was bf16 (auto)
+        train(resume=True, precision="fp32", **common)
     data.write_text(data.read_text() + json.dumps({"text": "goal", "label": "sport"}) + "\n")
     with pytest.raises(LoraError, match="data file changed"):
         train(resume=True, **common)

@@ -145,3 +145,24 @@ def load_model(name_or_path: str | os.PathLike, task: str, labels: list[str] | N
         model.config.pad_token_id = tok.pad_token_id
     new = sorted({k.rsplit(".", 1)[0] for k in info.get("missing_keys", [])})
     return Loaded(model, tok, path, new)
+
+
+def contiguous_head_input(model) -> object | None:
+    """Hand the output head a contiguous input; returns the hook's handle (None: no head).
+
+    transformers' generate computes only the last position's logits, so the head gets a strided
+    slice `h[:, -1:, :]`. With a head weight that does not require grad (a frozen or served model),
+    torch's CPU matmul then broadcasts the (vocab x hidden) weight over the batch and runs a
+    batched matmul: measured 2.96 s and +1 GB for 20 rows of SmolLM2 in bf16 (0.17 s in float32)
+    against 9 ms with the copy of the slice this hook makes (torch 2.13).
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return None
+
+    def hook(_module, args):
+        if args and hasattr(args[0], "is_contiguous") and not args[0].is_contiguous():
+            return (args[0].contiguous(), *args[1:])
+        return None
+
+    return head.register_forward_pre_hook(hook, prepend=True)  # before any hook of the user's

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
+
 import lorakit as lk
 from lorakit.cli import quiet_third_party_logs
 from lorakit.errors import LoraError
@@ -35,6 +37,7 @@ from lorakit.models import cache_dir, load_model
 from lorakit.train import datasets, generate, train
 from lorakit.train.data import load_examples
 from lorakit.train.metrics import same_answer, save_figure_atomic, smooth, write_json_atomic
+from lorakit.train.precision import DTYPES, PRECISIONS, resolve
 
 MODES = ("head", "lora", "full")
 MODE_NAMES = {"head": "head only (frozen base)", "lora": "LoRA r=8 + head", "full": "full fine-tuning"}
@@ -74,6 +77,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jobs", type=int, default=None,
                    help="training processes at once (default: 2 if there are 2+ CPU cores; 0: all in this process)")
     p.add_argument("--threads", type=int, default=None, help="torch threads per training process (default: cores / jobs)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="training precision of every run (auto: bf16 where the hardware runs it fast, else fp32)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -83,10 +88,12 @@ def run(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
     jobs = args.jobs if args.jobs is not None else (2 if cores >= 2 else 1)
     threads = args.threads or max(1, cores // max(jobs, 1))
+    chosen = resolve(args.precision, torch.device("cpu"))  # checked before any download or training
+    print(f"lorakit demo: precision {chosen.name} ({chosen.why})", flush=True)
     if args.llm:
-        llm_demo(out, threads=max(1, cores) if args.threads is None else args.threads)
+        llm_demo(out, threads=max(1, cores) if args.threads is None else args.threads, precision=chosen.name)
     else:
-        run_demo(out, default_tasks(), model="minilm", jobs=jobs, threads=threads)
+        run_demo(out, default_tasks(), model="minilm", jobs=jobs, threads=threads, precision=chosen.name)
     return 0
 
 
@@ -160,7 +167,8 @@ def run_jobs(jobs: dict[str, dict[str, Any]], workers: int, total_steps: int) ->
 
 
 # ---- the classification demo ------------------------------------------------------------------
-def run_demo(out: Path, tasks: list[DemoTask], model: str = "minilm", jobs: int = 2, threads: int = 1) -> dict[str, Any]:
+def run_demo(out: Path, tasks: list[DemoTask], model: str = "minilm", jobs: int = 2, threads: int = 1,
+             precision: str = "fp32") -> dict[str, Any]:
     t0 = time.time()
     out = Path(out)
     print(f"lorakit demo: LoRA vs the head alone vs full fine-tuning on a pretrained model ({model}), "
@@ -177,7 +185,8 @@ def run_demo(out: Path, tasks: list[DemoTask], model: str = "minilm", jobs: int 
         print(f"  task {task.name!r} ({task.title}): {len(train_rec)} train / {len(test_rec)} test examples, "
               f"{task.max_length} tokens, {task.epochs} epochs of batch {task.batch_size}, seed 0", flush=True)
         for mode in MODES:
-            plan[f"{task.name}/{mode}"] = train_options(task, mode, model, tr, te, out / task.name / mode, threads, jobs)
+            plan[f"{task.name}/{mode}"] = train_options(task, mode, model, tr, te, out / task.name / mode, threads, jobs,
+                                                         precision)
     # longest runs first, so the workers finish together
     order = sorted(plan, key=lambda k: ({"full": 0, "lora": 1, "head": 2}[k.split("/")[1]], k))
     if jobs:
@@ -189,7 +198,7 @@ def run_demo(out: Path, tasks: list[DemoTask], model: str = "minilm", jobs: int 
     run_jobs({k: plan[k] for k in order}, jobs, total_steps)
 
     results = {k: json.loads((Path(v["out"]) / "metrics.json").read_text()) for k, v in plan.items()}
-    summary: dict[str, Any] = {"model": model, "tasks": {}}
+    summary: dict[str, Any] = {"model": model, "precision": precision, "tasks": {}}
     print("\n[2/3] results (same split, same steps and batch for each mode; lr tuned per mode)")
     for task in tasks:
         r = {m: results[f"{task.name}/{m}"] for m in MODES}
@@ -212,9 +221,9 @@ def run_demo(out: Path, tasks: list[DemoTask], model: str = "minilm", jobs: int 
         }
         print(_table(task, r))
     print("\n[3/3] one base object, two adapters")
-    summary["swap"] = shared_base_check(out, tasks, model, data, summary)
+    summary["swap"] = shared_base_check(out, tasks, model, data, summary, precision)
     summary["wall_time_s"] = round(time.time() - t0, 1)
-    summary["reproduce"] = f"lorakit demo --out {out}"
+    summary["reproduce"] = f"lorakit demo --precision {precision} --out {out}"
     summary["threads_per_run"], summary["parallel_runs"] = threads, jobs
     _write_json(out / "summary.json", summary)
     kept = publish_adapters(out, tasks, model)
@@ -234,13 +243,13 @@ def run_demo(out: Path, tasks: list[DemoTask], model: str = "minilm", jobs: int 
 
 
 def train_options(task: DemoTask, mode: str, model: str, tr: Path, te: Path, out: Path, threads: int,
-                  jobs: int) -> dict[str, Any]:
+                  jobs: int, precision: str = "fp32") -> dict[str, Any]:
     """The `lorakit train` options of one demo run (the same budget for every mode)."""
     return dict(
         model=model, data=str(tr), eval_data=str(te), task="classification", out=str(out),
         epochs=task.epochs, batch_size=task.batch_size, max_length=task.max_length, seed=0,
         lr=task.lr[mode], r=8, alpha=16, dropout=0.05, full=mode == "full", head_only=mode == "head",
-        threads=threads, progress=jobs == 0, eval_batch_size=64,
+        threads=threads, progress=jobs == 0, eval_batch_size=64, precision=precision,
     )
 
 
@@ -340,7 +349,7 @@ def base_checksum(base: Any) -> str:
     params = {n.replace(".base_layer", ""): p for n, p in base.named_parameters() if ".lora_" not in n}
     for name in sorted(params):
         h.update(name.encode())
-        h.update(params[name].detach().contiguous().cpu().numpy().tobytes())
+        h.update(params[name].detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype
     return h.hexdigest()
 
 
@@ -380,11 +389,11 @@ def predict(model: Any, tok: Any, texts: list[str], max_length: int, batch_size:
 
 
 def shared_base_check(out: Path, tasks: list[DemoTask], model: str, data: dict[str, tuple[Path, Path]],
-                      summary: dict[str, Any]) -> dict[str, Any]:
+                      summary: dict[str, Any], precision: str = "fp32") -> dict[str, Any]:
     views: dict[str, Any] = {}
     first = tasks[0]
     labels = {t.name: summary["tasks"][t.name]["labels"] for t in tasks}
-    loaded = load_model(model, "classification", labels[first.name])
+    loaded = load_model(model, "classification", labels[first.name], dtype=DTYPES[precision])
     main, tok = loaded.model.eval(), loaded.tokenizer
     base = getattr(main, main.base_model_prefix)
     before = base_checksum(base)
@@ -492,7 +501,7 @@ def llm_records(records: list[dict], tok: Any) -> list[dict]:
 
 
 def llm_demo(out: Path, threads: int = 1, n_train: int = 160, n_test: int = 100, epochs: int = 1,
-             model: str = "smollm2") -> dict[str, Any]:
+             model: str = "smollm2", precision: str = "fp32") -> dict[str, Any]:
     import torch
 
     t0 = time.time()
@@ -504,7 +513,7 @@ def llm_demo(out: Path, threads: int = 1, n_train: int = 160, n_test: int = 100,
     te = datasets.write_jsonl(out / "data" / "llm" / "test.jsonl", llm_records(test_rec, tok))
     res = train(model=model, data=str(tr), eval_data=str(te), task="causal-lm", out=str(out / "llm" / "lora"),
                 epochs=epochs, batch_size=8, lr=1e-3, r=8, alpha=16, max_length=128, max_new_tokens=6,
-                threads=threads, seed=0, eval_batch_size=20)
+                threads=threads, seed=0, eval_batch_size=20, precision=precision)
     model_obj, tok = res.model, res.tokenizer
     prompts = [list(tok(r["prompt"])["input_ids"]) for r in llm_records(test_rec, tok)]
     after = generate(model_obj, tok, prompts, 6, batch_size=20)
@@ -518,7 +527,8 @@ def llm_demo(out: Path, threads: int = 1, n_train: int = 160, n_test: int = 100,
     print(f"\n  {'headline':58} {'answer':>13} {'base model':>22} {'with LoRA':>12}")
     for r, b, a in list(zip(test_rec, before, after))[:8]:
         print(f"  {r['text'][:58]:58} {r['label']:>13} {b.strip()[:22]!s:>22} {a.strip()[:12]!s:>12}")
-    summary = {"model": model, "exact_match_before": em_before, "exact_match_after": em_after,
+    summary = {"model": model, "precision": precision, "train_time_s": res.metrics["train_time_s"],
+               "exact_match_before": em_before, "exact_match_after": em_after,
                "trainable_fraction": res.metrics["trainable_fraction"], "adapter_bytes": res.metrics["adapter_bytes"],
                "base_bytes": res.metrics["base_bytes"], "peak_memory_mb": res.metrics["peak_memory_mb"],
                "examples": [{"headline": r["text"], "answer": r["label"], "base": b, "lora": a}

@@ -15,6 +15,9 @@ from lorakit.errors import LoraError
 from lorakit.serve import Limits, allowed_hosts_for, serve
 
 
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --precision's names
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="base model: a transformers folder or an embedded name (smollm2, minilm)")
     p.add_argument("--served-model-name", default=None,
@@ -24,7 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
-    p.add_argument("--dtype", default="auto", help="auto (as saved), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", type=lambda v: DTYPE_ALIASES.get(v, v),
+                   choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the base's precision: auto (as saved), float32 (fp32), bfloat16 (bf16), float16 (fp16)")
     p.add_argument("--wait-ms", type=float, default=5.0, help="dynamic batching window in milliseconds (default 5)")
     p.add_argument("--max-batch", type=int, default=32, help="most rows in one batch (default 32)")
     p.add_argument("--static-batching", action="store_true",

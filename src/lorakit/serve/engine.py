@@ -39,7 +39,7 @@ from ..bank import AdapterBank
 from ..errors import AdapterChangedError, LoraError
 from ..inject import check_adapter_name
 from ..io import CONFIG_NAME, PREFIX, WEIGHTS_NAME, read_adapter_files
-from ..models import model_path
+from ..models import contiguous_head_input, model_path
 
 log = logging.getLogger("lorakit.serve")
 Emit = Callable[[str, Any], None]  # (event, payload), thread-safe
@@ -171,6 +171,7 @@ class Engine:
             if bars:
                 hf_logging.enable_progress_bar()
         self.model = self.model.to(device).eval().requires_grad_(False)
+        contiguous_head_input(self.model)  # logits_to_keep slices the head's input: torch's slow path when frozen
         # a classifier whose head was freshly initialised answers only through adapters' own heads
         self.base_head = not (classify and info.get("missing_keys"))
         self.tokenizer = AutoTokenizer.from_pretrained(path)

@@ -30,7 +30,7 @@ from ..errors import LoraError
 from ..files import replace_dir
 from ..inject import DEFAULT_TARGETS
 from ..io import WEIGHTS_NAME
-from ..models import load_model
+from ..models import contiguous_head_input, load_model
 from ..params import split_targets
 from . import checkpoint, data, metrics, precision
 from .config import DEFAULT_DROPOUT, TrainConfig
@@ -291,8 +291,8 @@ class _Run:
         tensors, meta = self.dist.load_checkpoint(checkpoint.load, ck)
         old = meta.get("fingerprint", {})
         if old.get("options") != fingerprint["options"]:
-            diff = {k: (old.get("options", {}).get(k), v) for k, v in fingerprint["options"].items()
-                    if old.get("options", {}).get(k) != v}
+            was, now = old.get("options", {}), fingerprint["options"]
+            diff = {k: (was.get(k), now.get(k)) for k in {**was, **now} if was.get(k) != now.get(k)}
             raise LoraError(f"--resume: checkpoint {ck} was made with other options (checkpoint vs now: {diff}); "
                             "use the same options, or drop --resume to start over")
         for key in ("data", "eval_data"):
@@ -326,16 +326,15 @@ class _Run:
             idx = list(range(start, min(start + bs, len(enc))))
             batch = {k: v.to(self.device) for k, v in data.collate(enc, idx, self.tok.pad_token_id, cfg.task).items()}
             labels = batch.pop("labels")
-            logits = model(**batch).logits.float()
             if cfg.task == "classification":
+                logits = model(**batch).logits.float()
                 loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
                 count += len(idx)
                 preds += logits.argmax(-1).tolist()
-            else:
-                shifted = labels[:, 1:]
-                loss_sum += F.cross_entropy(logits[:, :-1].flatten(0, 1), shifted.flatten(), ignore_index=data.IGNORE,
-                                            reduction="sum").item()
-                count += int((shifted != data.IGNORE).sum())
+            else:  # the fused loss, as in training: 20 x 128 tokens of a 49k vocabulary are 0.5 GB per
+                n = int((labels[:, 1:] != data.IGNORE).sum())  # float32 copy of the logits, and
+                loss_sum += causal_lm_loss(model, labels=labels, **batch).item() * n  # cross-entropy made 3
+                count += n
         loss = loss_sum / max(count, 1)
         if cfg.task == "classification":
             gold = list(enc.labels)
@@ -429,6 +428,18 @@ def generate(model: nn.Module, tok: Any, prompts: list[list[int]], max_new_token
     """Greedy continuations of token-id prompts (left-padded batches), decoded up to EOS."""
     was_training = model.training
     model.eval()
+    hook = contiguous_head_input(model)  # the head of a frozen model would take torch's slow path
+    try:
+        out = _generate_batches(model, tok, prompts, max_new_tokens, device, batch_size)
+    finally:
+        if hook is not None:
+            hook.remove()
+        model.train(was_training)
+    return out
+
+
+def _generate_batches(model: nn.Module, tok: Any, prompts: list[list[int]], max_new_tokens: int,
+                      device: torch.device | str, batch_size: int) -> list[str]:
     pad = tok.pad_token_id
     out: list[str] = []
     for s in range(0, len(prompts), batch_size):
@@ -445,5 +456,4 @@ def generate(model: nn.Module, tok: Any, prompts: list[list[int]], max_new_token
             if tok.eos_token_id in row:
                 row = row[:row.index(tok.eos_token_id)]
             out.append(tok.decode(row, skip_special_tokens=True))
-    model.train(was_training)
     return out
