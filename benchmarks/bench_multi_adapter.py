@@ -79,6 +79,12 @@ def main(argv=None) -> int:
         sd = {k: v.to(args.device) for k, v in lk.adapter_state_dict(model, n).items()}
         set_peft_model_state_dict(pmodel, sd, adapter_name=n)
     pmodel.eval()
+    # as the server does: a frozen head given a strided slice (logits_to_keep) takes torch's slow
+    # broadcast matmul (seconds per bf16 prefill), for both libraries alike
+    from lorakit.models import contiguous_head_input
+
+    contiguous_head_input(model)
+    contiguous_head_input(pmodel.get_base_model())
 
     g = torch.Generator().manual_seed(0)
     prefill_x = torch.randint(0, args.vocab, (16, 128), generator=g).to(args.device)

@@ -141,6 +141,10 @@ def main(argv=None) -> None:
     ap.add_argument("--compile", action="store_true", help="add compiled lorakit and frozen-floor rows (inductor)")
     ap.add_argument("--models", default=None,
                     help="comma list of llama,gpt2,smollm2 (default: llama,gpt2 on the CPU, all three on a GPU)")
+    ap.add_argument("--ranks", default=None, help="comma list (default 8,16; 8 with --quick)")
+    ap.add_argument("--targets", default="attention,all-linear")
+    ap.add_argument("--dropouts", default="0,0.05")
+    ap.add_argument("--tag", default="", help="appended to the results' file name")
     args = ap.parse_args(argv)
     if args.probe:
         print(json.dumps(probe(json.loads(args.probe))))
@@ -149,7 +153,7 @@ def main(argv=None) -> None:
     size = args.size or ("full" if args.device.startswith("cuda") else "small")
     default = "llama,gpt2" if args.device == "cpu" else "llama,gpt2,smollm2"
     models = ["llama"] if args.quick else (args.models or default).split(",")
-    ranks = [8] if args.quick else [8, 16]
+    ranks = [int(r) for r in args.ranks.split(",")] if args.ranks else [8] if args.quick else [8, 16]
     rows, raw = [], []
     dtype = getattr(torch, args.dtype)
     for model_name in models:
@@ -157,7 +161,8 @@ def main(argv=None) -> None:
         batch = torch.randint(0, 16000, (BATCH, SEQ), generator=torch.Generator().manual_seed(0)).to(args.device)
         full = make_variant("full", base, model_name, 8, "attention", 0.0)
         frozen = make_variant("frozen", base, model_name, 8, "attention", 0.0)
-        for r, targets, dropout in itertools.product(ranks, ["attention", "all-linear"], [0.0, 0.05]):
+        for r, targets, dropout in itertools.product(ranks, args.targets.split(","),
+                                                        [float(d) for d in args.dropouts.split(",")]):
             ours = make_variant("lorakit", base, model_name, r, targets, dropout)
             theirs = make_variant("peft", base, model_name, r, targets, dropout)
             fns = {"lorakit": lambda: step(*ours, batch), "peft": lambda: step(*theirs, batch),
@@ -248,7 +253,8 @@ def main(argv=None) -> None:
         goals["bf16: lorakit <= 0.70x full fine-tuning"] = all(r["lorakit_vs_full"] <= 0.70 for r in rows)
         goals["bf16: lorakit <= 0.85x PEFT"] = all(r["time_vs_peft"] <= 0.85 for r in rows)
         goals["bf16: lorakit <= 1.10x the frozen floor"] = all(r["lorakit_vs_frozen"] <= 1.10 for r in rows)
-    suffix = ("" if args.device == "cpu" else "_gpu") + ("_bf16" if args.dtype == "bfloat16" else "")
+    suffix = (("" if args.device == "cpu" else "_gpu") + ("_bf16" if args.dtype == "bfloat16" else "")
+              + ("_compile" if args.compile else "") + (f"_{args.tag}" if args.tag else ""))
     payload = {"environment": environment(args.device, args.threads), "size": size, "batch": [BATCH, SEQ],
                "rows": raw, "goals": goals}
     stem = write_results("train_step", payload, rows, suffix)

@@ -44,7 +44,7 @@ def group_of(name: str) -> str:
     return "other"
 
 
-def setups(dtype: torch.dtype, r: int, targets: str):
+def setups(dtype: torch.dtype, r: int, targets: str, dropout: float = 0.0):
     import lorakit as lk
     from peft import LoraConfig, get_peft_model
 
@@ -53,17 +53,19 @@ def setups(dtype: torch.dtype, r: int, targets: str):
     full = copy.deepcopy(base)
     out["full"] = (full, torch.optim.AdamW(full.parameters(), lr=1e-5))
     frozen = copy.deepcopy(base).requires_grad_(False)
-    frozen.get_input_embeddings().weight.requires_grad_(True)  # backward runs through every layer
+    # backward runs through every layer (the embedding's output requires grad, not its weight: no
+    # vocab x hidden gradient, the same floor as bench_train's)
+    frozen.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     out["frozen floor"] = (frozen, None)
     for name, compute in (("lorakit", "auto"), ("lorakit, fp32 adapter matmuls", torch.float32)):
         m = copy.deepcopy(base)
-        lk.inject(m, lk.LoraConfig(r=r, alpha=2 * r, targets=targets, dropout=0.0, init=False))
+        lk.inject(m, lk.LoraConfig(r=r, alpha=2 * r, targets=targets, dropout=dropout, init=False))
         lk.set_compute_dtype(m, compute)
         out[name] = (m, torch.optim.AdamW(lk.adapter_parameters(m), lr=1e-4))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         p = get_peft_model(copy.deepcopy(base), LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets,
-                                                           lora_dropout=0.0, init_lora_weights=False))
+                                                           lora_dropout=dropout, init_lora_weights=False))
     out["peft"] = (p, torch.optim.AdamW([q for q in p.parameters() if q.requires_grad], lr=1e-4))
     return out
 
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--targets", default="all-linear")
+    ap.add_argument("--dropout", type=float, default=0.0)
     ap.add_argument("--steps", type=int, default=3, help="profiled steps per setup")
     ap.add_argument("--reps", type=int, default=5, help="timed steps per setup (interleaved)")
     ap.add_argument("--threads", type=int, default=1)
@@ -88,7 +91,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
-    models = setups(dtype, args.r, args.targets)
+    models = setups(dtype, args.r, args.targets, args.dropout)
     batch = torch.randint(0, 16000, (4, 128), generator=torch.Generator().manual_seed(0))
     fns = {n: (lambda m=m, o=o: train_step(m, o or _NoOpt(), batch)) for n, (m, o) in models.items()}
     times = interleaved(fns, args.reps, warmup=1)
@@ -114,18 +117,20 @@ def main(argv=None) -> int:
     payload = {"environment": environment("cpu", args.threads), "dtype": args.dtype, "r": args.r,
                "targets": args.targets, "batch": [4, 128], "setups": report}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / f"profile_{args.dtype}"
+    stem = RESULTS / (f"profile_{args.dtype}" + (f"_dropout{args.dropout:g}" if args.dropout else ""))
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     names = list(report)
     all_groups = sorted({g for r in report.values() for g in r["groups_ms"]},
                         key=lambda g: -max(r["groups_ms"].get(g, 0) for r in report.values()))
-    lines = [f"# Training step profile ({args.dtype}, Llama-like 4x768, {args.targets} r={args.r}, batch 4x128, "
+    lines = [f"# Training step profile ({args.dtype}, Llama-like 4x768, {args.targets} r={args.r}, dropout {args.dropout:g}, batch 4x128, "
              f"{args.threads} thread(s))", "",
              "Self time per step in ms, by op group (torch.profiler; profiling adds its own overhead, so the groups "
              "sum to more than the unprofiled step time).", "",
              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
              "| step time (unprofiled, median) | " + " | ".join(f"{report[n]['step_s'] * 1e3:.0f} ms" for n in names) + " |",
-             "| / full fine-tuning | " + " | ".join(f"{report[n]['vs_full']:.2f}x" for n in names) + " |"]
+             "| / full fine-tuning | " + " | ".join(f"{report[n]['vs_full']:.2f}x" for n in names) + " |",
+             "| / frozen floor | " + " | ".join(f"{report[n]['step_s'] / report['frozen floor']['step_s']:.2f}x"
+                                                for n in names) + " |"]
     for g in all_groups:
         lines.append(f"| {g} | " + " | ".join(f"{report[n]['groups_ms'].get(g, 0):.0f}" for n in names) + " |")
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")

@@ -138,3 +138,34 @@ def test_hot_swap_refuses_what_would_change_the_graph(tmp_path):
         lk.hotswap_adapter(model, tmp_path / "e", "a")
     with pytest.raises(lk.LoraError, match="max_rank"):
         lk.prepare_for_compile(adapted("llama", r=6), max_rank=4)
+
+
+def test_dropout_trains_in_one_graph_with_the_right_rate():
+    """Adapter dropout under torch.compile: Dynamo has no Tensor.random_ (the eager mask's source),
+    so a compiled graph draws torch.rand; the mask keeps each element with probability 1-p and
+    the adapted model still traces in one graph and trains."""
+    from lorakit import core
+
+    dynamo.reset()
+    p = 0.3
+    bits = torch.compile(lambda: core.keep_bits((1000, 999), p), fullgraph=True, backend=Counting())()
+    assert bits.dtype == torch.int8 and set(bits.unique().tolist()) <= {0, -1}
+    rate = (bits != 0).double().mean().item()
+    assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / bits.numel()) ** 0.5
+    model = tiny_llama()
+    lk.inject(model, lk.LoraConfig(r=4, targets="all-linear", dropout=p, init=False))
+    model.train()
+    x = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    counting = Counting()
+    compiled = torch.compile(model, fullgraph=True, backend=counting)
+    losses = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        loss = compiled(x, labels=x).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert counting.n == 1 and losses[0] != losses[1]  # one graph; a fresh mask each step
+    assert all(q.grad is not None and q.grad.abs().sum() > 0 for q in lk.adapter_parameters(model))
+    model.eval()  # no dropout: the compiled graph for eval equals eager
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend=Counting())(x).logits, model(x).logits)

