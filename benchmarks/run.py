@@ -16,11 +16,17 @@ SUITE = {  # name: (module, takes --quick, extra arguments)
     "train_bf16": ("benchmarks.bench_train", True, BF16),
     "infer": ("benchmarks.bench_infer", True, []),
     "infer_bf16": ("benchmarks.bench_infer", True, BF16),
+    "train_smollm2_bf16": ("benchmarks.bench_train", False, BF16 + ["--models", "smollm2", "--ranks", "16",
+                                                                   "--targets", "all-linear", "--dropouts", "0",
+                                                                   "--tag", "smollm2"]),
+    "train_compile_bf16": ("benchmarks.bench_train", False, BF16 + ["--quick", "--compile", "--no-memory"]),
     "compile": ("benchmarks.bench_compile", False, []),  # torch.compile: recompiles, eager vs compiled
+    "compile_bf16": ("benchmarks.bench_compile", False, BF16),
     "adapters": ("benchmarks.bench_adapters", False, []),
     "multi_adapter": ("benchmarks.bench_multi_adapter", False, []),
     "multi_adapter_no_grad": ("benchmarks.bench_multi_adapter", False, ["--grad-mode", "no_grad"]),
     "multi_adapter_bf16": ("benchmarks.bench_multi_adapter", False, BF16),
+    "multi_adapter_bf16_no_grad": ("benchmarks.bench_multi_adapter", False, BF16 + ["--grad-mode", "no_grad"]),
     "serve": ("benchmarks.bench_serve", False, []),  # continuous vs static batching in the serving engine
     "quant": ("benchmarks.bench_quant", False, []),
     "scaling": ("benchmarks.bench_scaling", True, []),  # torchrun, 1 vs 2 processes
@@ -28,6 +34,8 @@ SUITE = {  # name: (module, takes --quick, extra arguments)
     "drift": ("benchmarks.bench_drift", False, []),  # batched vs alone, float32 and bf16
     "precision": ("benchmarks.bench_precision", False, []),  # the demo's tasks, bf16 vs fp32, 5 seeds
     "profile": ("benchmarks.profile_step", False, []),  # where a bf16 training step's time goes
+    "profile_dropout": ("benchmarks.profile_step", False, ["--dropout", "0.05"]),
+    "profile_fp32": ("benchmarks.profile_step", False, ["--dtype", "float32"]),
 }
 
 

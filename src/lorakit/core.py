@@ -101,19 +101,35 @@ class _Up(torch.autograd.Function):
 _INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def keep_bits(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> Tensor:
-    """A dropout mask as int8: -1 (every bit set) where an element is kept, with probability 1-p,
-    0 where it is dropped. Each 63-bit draw of torch's global RNG gives four 15-bit uniforms (p
-    resolved to 1/32768; seeded runs repeat): torch's own kernel draws one number per element.
+def keep_bits(x: Tensor, p: float) -> Tensor:
+    """A dropout mask for x as int8: -1 (every bit set) where an element is kept, with probability
+    1-p, 0 where it is dropped. Each 63-bit draw of torch's global RNG gives four 15-bit uniforms
+    (p resolved to 1/32768; seeded runs repeat): torch's own kernel draws one number per element.
     Why bits: `apply_bits` then drops with one AND over x's bits (0.08 ms for a 512 x 768 bf16
-    input against 0.58 ms for a masked multiply; the 1/(1-p) goes into the adapter's scale)."""
-    if torch.compiler.is_compiling():  # Dynamo has no random_(); inductor fuses this into one kernel
-        return (torch.rand(shape, device=device) >= p).to(torch.int8).neg_()
-    n = math.prod(shape)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_()
-    lanes = words.view(torch.int16)[:n].view(shape)
+    input against 0.58 ms for a masked multiply; the 1/(1-p) goes into the adapter's scale).
+    Under torch.compile the same draw runs as one opaque op (Dynamo has no Tensor.random_, and
+    inductor's own per-element RNG measured 5x slower on the CPU)."""
+    if torch.compiler.is_compiling():
+        return torch.ops.lorakit.keep_bits(x, p)
+    return _draw_bits(x, p)
+
+
+def _draw_bits(x: Tensor, p: float) -> Tensor:
+    n = x.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_()
+    lanes = words.view(torch.int16)[:n].view(x.shape)
     thr = round((1.0 - p) * 32768)  # kept: lane < thr, i.e. lane - thr < 0, whose sign bit >> 15 is -1
     return torch.bitwise_and(lanes, 0x7FFF).add_(-thr).bitwise_right_shift_(15).to(torch.int8)
+
+
+# a random op: the tag keeps compilers from merging two draws or recomputing one in backward
+_keep_bits_op = torch.library.custom_op("lorakit::keep_bits", _draw_bits, mutates_args=(),
+                                        tags=(torch.Tag.nondeterministic_seeded,))
+
+
+@_keep_bits_op.register_fake
+def _(x: Tensor, p: float) -> Tensor:
+    return torch.empty(x.shape, dtype=torch.int8, device=x.device)
 
 
 def apply_bits(x: Tensor, bits: Tensor) -> Tensor:
@@ -125,7 +141,7 @@ def apply_bits(x: Tensor, bits: Tensor) -> Tensor:
 def dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
     """(x with elements zeroed with probability p and the rest scaled by 1/(1-p), the bool keep
     mask): F.dropout's result from `keep_bits` (what the fused linear path draws)."""
-    bits = keep_bits(x.shape, p, x.device)
+    bits = keep_bits(x, p)
     return apply_bits(x, bits) * (1.0 / (1.0 - p)), bits != 0
 
 
@@ -137,7 +153,7 @@ def _lora_linear_forward(y: Tensor, x: Tensor, A: Tensor, B: Tensor, s: Any, p: 
     Ac, Bc = A.to(cdt), B.to(cdt)  # r x in and out x r: the casts a low-precision base costs, not N x in
     mask = None
     if p:  # s * dropout(x) = s/(1-p) * (x with the dropped elements zeroed): the caller scaled s
-        mask = keep_bits(x2.shape, p, x2.device)
+        mask = keep_bits(x2, p)
         x2 = apply_bits(x2, mask)
     h = (x2 @ Ac.t()).mul_(s)  # (N, r)
     # in place only on a plain tensor: not a leaf autograd tracks, not a view (a view made by a
