@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     payload = {"environment": environment("cpu", args.threads), "dtype": args.dtype, "r": args.r,
                "targets": args.targets, "batch": [4, 128], "setups": report}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    stem = RESULTS / (f"profile_{args.dtype}" + (f"_dropout{args.dropout:g}" if args.dropout else ""))
+    stem = RESULTS / (f"profile_{args.dtype}" + (f"_dropout{args.dropout:g}".replace(".", "p") if args.dropout else ""))
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     names = list(report)
     all_groups = sorted({g for r in report.values() for g in r["groups_ms"]},

@@ -294,6 +294,12 @@ def test_read_adapter_files_digest_is_over_the_bytes_it_parsed(tmp_path):
     (folder / CONFIG_NAME).write_text(json.dumps(meta))
     assert lk.read_adapter_files(folder).digest != files.digest
     assert lk.read_adapter_files(_saved(tmp_path, "b", seed=1)).digest != files.digest
+    # without a digest (a plain load: nothing will re-read the files) the same contents, no hash;
+    # an expected digest is still checked
+    plain = lk.read_adapter_files(folder, digest=False)
+    assert plain.digest == "" and plain.config == lk.read_adapter_files(folder).config
+    with pytest.raises(lk.AdapterChangedError):
+        lk.read_adapter_files(folder, digest=False, expected_digest=files.digest)
 
 
 def test_root_confines_the_folder_and_each_file(tmp_path):

