@@ -147,7 +147,7 @@ def dropout(x: Tensor, p: float) -> tuple[Tensor, Tensor]:
 
 def _lora_linear_forward(y: Tensor, x: Tensor, A: Tensor, B: Tensor, s: Any, p: float, inplace: bool,
                          cdt: torch.dtype) -> tuple[Tensor, Tensor, Tensor | None, bool]:
-    """The forward of _LoraLinear in compute dtype `cdt`: (output, s * A x^T as (r, N), dropout
+    """The forward of _LoraLinear in compute dtype `cdt`: (output, s * x A^T as (N, r), dropout
     mask, whether y was updated in place). With p > 0, s already holds dropout's 1/(1-p)."""
     x2 = x.reshape(-1, x.shape[-1]).to(cdt)
     Ac, Bc = A.to(cdt), B.to(cdt)  # r x in and out x r: the casts a low-precision base costs, not N x in
