@@ -6,7 +6,9 @@ time short), all-linear r=16 adapters. Training: forward + backward + AdamW, bat
 Inference: a no-grad forward, batch 4x128, adapters unmerged (lorakit's merge-on-the-fly off, as
 PEFT runs an adapter) and, for lorakit, its default (merged on the fly when cheaper). Before timing,
 every compiled variant is checked against its eager twin (max abs logit difference), and the
-number of graphs Dynamo produced is counted (1: no graph break).
+number of graphs compiled per library is counted (each grad mode and each code path a model runs
+compiles its own graph: 2 here; a graph break would add more; tests/test_compile.py checks one
+graph with fullgraph=True).
 
     python -m benchmarks.bench_compile [--threads 1] [--dtype float32|bfloat16] [--reps 7]
 Writes benchmarks/results/compile{,_bf16}.{json,md}.
@@ -95,7 +97,7 @@ def main(argv=None) -> None:
                 with torch.no_grad():
                     checks[f"train {lib}"] = (compiled(batch).logits.float() - model(batch).logits.float()).abs().max().item()
             else:
-                def run(m, merged_on_the_fly=True, lora=model):
+                def run(m, merged_on_the_fly=True, lora=model, lib=lib):  # bind lib now: the loop moves on
                     with torch.no_grad():
                         if lib == "lorakit" and not merged_on_the_fly:
                             with unmerged(lora):
@@ -117,7 +119,8 @@ def main(argv=None) -> None:
     payload = {"environment": environment(args.device, args.threads), "dtype": args.dtype,
                "compiled_vs_eager_max_abs_diff": checks, "rows": rows,
                "model": "Llama-like, 2 layers, hidden 512, vocab 8000", "r": R, "batch": [BATCH, SEQ]}
-    write_results("compile" + ("" if args.dtype == "float32" else "_bf16"), payload, rows)
+    write_results("compile" + ("" if args.device == "cpu" else "_gpu") + ("" if args.dtype == "float32" else "_bf16"),
+                  payload, rows)
 
 
 if __name__ == "__main__":

@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS
+from benchmarks.common import RESULTS, start_server
 
 SUBJECTS = ["the ocean", "a library", "winter", "the moon", "trains", "bread", "a garden", "music", "rivers", "chess"]
 FORMS = ["Write one sentence about {}.", "Describe {} in a few words.", "What do you know about {}?",
@@ -51,25 +48,8 @@ def build_adapters(root: Path, n: int = 4) -> Path:
 
 
 def _serve(adapters: Path, dtype: str, threads: int):
-    import httpx
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "lorakit", "serve", "--model", "smollm2", "--adapters", str(adapters), "--dtype", dtype,
-           "--max-resident", "4", "--port", str(port), "--threads", str(threads), "--log-level", "warning",
-           "--max-queue", "1000"]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, TOKENIZERS_PARALLELISM="false"), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    return start_server("--model", "smollm2", "--adapters", str(adapters), "--dtype", dtype, "--max-resident", "4",
+                        "--max-queue", "1000", threads=threads, tries=1200)
 
 
 def measure(adapters: Path, dtype: str, n: int, tokens: int, threads: int) -> dict:

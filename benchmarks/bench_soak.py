@@ -25,7 +25,6 @@ import os
 import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import RESULTS, byte_tokenizer
+from benchmarks.common import RESULTS, byte_tokenizer, start_server
 
 ADAPTERS = {"a2": (2, ["q_proj", "v_proj"]), "a8": (8, "all-linear"), "a16": (16, ["o_proj", "up_proj"]),
             "a32": (32, ["k_proj", "down_proj"]), "a64": (64, "all-linear")}
@@ -89,12 +88,6 @@ def build_site(root: Path) -> dict:
     for f in ("adapter_config.json", "adapter_model.safetensors"):
         os.symlink(root / "outside" / f, extra / "linked" / f)
     return {"model_dir": model_dir, "adapters": adapters}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rss_mb(pid: int) -> float:
@@ -335,23 +328,16 @@ def soak(site: dict, seconds: float = 60, clients: int = 6, hostile_every: int =
     """Start `lorakit serve` on the site, soak it, stop it; the report (see the module docstring)."""
     import httpx
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "lorakit", "serve", "--model", str(site["model_dir"]), "--adapters",
-           str(site["adapters"]), "--max-resident", "2", "--served-model-name", "base", "--port", str(port),
-           "--threads", str(threads), "--log-level", "warning", "--wait-ms", "5", "--max-prompt-chars", "4096"]
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads))
     out = open(log, "w") if log else subprocess.DEVNULL
-    proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     try:
-        for _ in range(600):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited with {proc.returncode}")
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
+        proc, url = start_server("--model", str(site["model_dir"]), "--adapters", str(site["adapters"]),
+                                 "--max-resident", "2", "--served-model-name", "base", "--wait-ms", "5",
+                                 "--max-prompt-chars", "4096", threads=threads, stdout=out)
+    except BaseException:
+        if log:
+            out.close()
+        raise
+    try:
         s = Soak(url, proc.pid, seconds, clients, hostile_every, seed)
         s.prepare()
         report = s.run()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
@@ -62,6 +63,37 @@ def targets_for(model_name: str, which: str):
 
 CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(*args: str, threads: int = 1, env: dict | None = None, stdout=subprocess.DEVNULL,
+                 tries: int = 600):
+    """`lorakit serve ARGS` as a real process on a free loopback port, once /health answers;
+    returns (process, url). A server that exits first raises with its output (if piped)."""
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS=str(threads), **(env or {}))
+    cmd = [sys.executable, "-m", "lorakit", "serve", *args, "--port", str(port), "--threads", str(threads),
+           "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, env=env, stdout=stdout, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(tries):
+        if proc.poll() is not None:
+            out = proc.stdout.read() if stdout == subprocess.PIPE else ""
+            raise RuntimeError(f"server exited with {proc.returncode}: {out}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError("server did not start")
 
 
 def byte_tokenizer():

@@ -27,11 +27,11 @@ from benchmarks.common import RESULTS, build_model, environment, interleaved, me
 GROUPS = [  # (group, op-name fragments), first match wins
     ("matmul", ("mm", "addmm", "bmm", "matmul", "linear", "baddbmm")),
     ("cast / copy", ("_to_copy", "copy_", "to", "clone", "contiguous")),
+    ("loss", ("cross_entropy", "nll", "log_softmax")),  # before attention: "softmax" is in both
     ("attention", ("scaled_dot_product", "attention", "softmax")),
     ("norm", ("rms", "layer_norm", "norm", "rsqrt", "pow", "mean")),
-    ("dropout", ("dropout", "bernoulli", "rand")),
+    ("dropout", ("dropout", "bernoulli", "rand", "keep_bits", "bitwise")),  # lorakit's mask: random_ + bit ops
     ("optimizer", ("adam", "foreach", "_fused")),
-    ("loss", ("cross_entropy", "nll", "log_softmax")),
     ("elementwise", ("mul", "add", "sub", "div", "silu", "neg", "cat", "where", "sum", "fill", "zero", "exp", "cos", "sin")),
 ]
 

@@ -173,3 +173,45 @@ def test_slots_are_allocated_for_the_adapters_in_use_not_the_capacity(saved):
     bank.evict("d")
     bank.evict("b")
     assert {st.A.shape[0] for st in bank._stacks.values()} == {1}
+
+
+def test_a_float16_model_refuses_an_adapter_its_slots_cannot_hold(tmp_path):
+    """Slots of a float16 model hold s * B in float16: an update beyond 65504 would be inf there
+    (though finite in float32), so it is refused when checked; one within range is served, scaled
+    in float32 and rounded once."""
+    src = tiny_llama()
+    lk.inject(src, lk.LoraConfig(r=2, alpha=4, targets=["q_proj"], init=False))
+    for name, scale in (("big", 1e5), ("ok", 1.0)):
+        with torch.no_grad():
+            for n, p in src.named_parameters():
+                if "lora_B" in n:
+                    p.fill_(scale / 2)  # s = alpha / r = 2
+        lk.save_adapter(src, tmp_path / name)
+    model = tiny_llama().half()
+    bank = AdapterBank(model)
+    with pytest.raises(lk.LoraError, match="overflows"):
+        bank.prepare(tmp_path / "big")
+    ref = tiny_llama()  # as PEFT would build it: the adapter alone, float32
+    lk.load_adapter(ref, tmp_path / "ok")
+    x = torch.randint(0, 128, (2, 6))
+    bank.add("ok", bank.prepare(tmp_path / "ok"))
+    with bank.rows(["ok", "ok"]), torch.no_grad():
+        got = model(x).logits.float()
+    torch.testing.assert_close(got, ref(x).logits, atol=5e-2, rtol=5e-2)
+
+
+def test_a_full_bank_reuses_its_slots_without_reallocating(monkeypatch):
+    """Loading into a full bank evicts the least recently used adapter and refills its slot in
+    place: the stacks are not shrunk and grown again on every load."""
+    m = tiny_llama()
+    for i in range(4):
+        lk.inject(m, lk.LoraConfig(r=4, targets="all-linear", init=False), f"a{i}")
+    bank = AdapterBank(m, capacity=2)
+    for i in range(4):
+        bank.add(f"a{i}")
+    grows = []
+    real = AdapterBank._grow
+    monkeypatch.setattr(AdapterBank, "_grow", lambda self, n: (grows.append(n), real(self, n))[1])
+    for k in range(30):
+        bank.load(f"a{k % 4}")
+    assert len(grows) <= 2 and bank.evictions >= 26  # once to 1 slot, once to 2; then only refills

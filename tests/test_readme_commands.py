@@ -64,13 +64,16 @@ def test_training_command_and_inspect_run_as_written(tmp_path):
     line = next(c for c in bash_blocks("Command line")[0] if c.startswith("lorakit inspect DIR"))
     done = run(line.replace("DIR", shlex.quote(str(out)), 1), tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    assert re.search(r"^\s+r\s+8$", done.stdout, re.M) and "ranks [8]" in done.stdout, done.stdout[-2000:]
+    r = args[args.index("--r") + 1]
+    assert re.search(rf"^\s+r\s+{r}$", done.stdout, re.M) and f"ranks [{r}]" in done.stdout, done.stdout[-2000:]
     assert (tmp_path / f"inspect-{out.name}.png").stat().st_size > 1000  # the plot, written here as it says
 
 
 def test_help_commands_run_as_written(tmp_path):
     lines = bash_blocks("Command line")[0]
-    for cmd in (c for c in lines if c.startswith("lorakit --help")):
+    helps = [c for c in lines if c.startswith("lorakit --help")]
+    assert helps, "the README's Command line section lost its `lorakit --help` line"
+    for cmd in helps:
         done = run(cmd, tmp_path)
         assert done.returncode == 0 and "demo" in done.stdout and "serve" in done.stdout, done.stderr[-2000:]
     done = run(f"{shlex.quote(sys.executable)} -m lorakit --help", tmp_path)

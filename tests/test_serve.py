@@ -7,10 +7,7 @@ for 4 adapters), and loads and unloads adapters at run time.
 """
 
 import json
-import os
-import socket
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +16,7 @@ import pytest
 import torch
 
 import lorakit as lk
-from benchmarks.common import CHAT_TEMPLATE, byte_tokenizer  # noqa: F401 (other test modules import it from here)
+from benchmarks.common import CHAT_TEMPLATE, byte_tokenizer, free_port, start_server  # noqa: F401 (other test modules import these from here)
 from tiny import randomize, tiny_bert, tiny_llama
 
 httpx = pytest.importorskip("httpx")
@@ -34,34 +31,13 @@ def llama():
                       eos_token_id=256, pad_token_id=257, tie_word_embeddings=False)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start(model_dir, adapters_dir, max_resident):
     return start_cli("--model", str(model_dir), "--adapters", str(adapters_dir), "--max-resident", str(max_resident))
 
 
 def start_cli(*args, env=None):
     """`lorakit serve ARGS` as a real process on a free loopback port; returns (process, url)."""
-    port = free_port()
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", OMP_NUM_THREADS="1", **(env or {}))
-    cmd = [sys.executable, "-c", "import sys; from lorakit.cli import main; sys.exit(main())", "serve", *args,
-           "--port", str(port), "--threads", "1", "--log-level", "warning", "--wait-ms", "20"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stdout.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    return start_server(*args, "--wait-ms", "20", env=env, stdout=subprocess.PIPE)
 
 
 def stop(proc):

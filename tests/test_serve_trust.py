@@ -265,6 +265,10 @@ def test_changed_bytes_are_refused_alone_until_replaced(site, tmp_path):
                 assert r.status_code == 200, r.text
                 assert r.json()["choices"][0]["text"] == want[model]
         assert metric(url, "lorakit_adapter_integrity_failures_total") >= 1
+        # streamed: the failure comes before the first event, so it is the response's status too
+        r = httpx.post(url + "/v1/completions", json={"model": "gamma", "prompt": "hello", "max_tokens": 6,
+                                                      "stream": True}, timeout=60)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "adapter_unavailable", r.text
         r = httpx.post(url + "/v1/adapters", json={"name": "gamma", "path": "gamma", "replace": True})
         assert r.status_code == 200, r.text
         r = complete(url, "gamma", "hello")

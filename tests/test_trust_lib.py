@@ -490,3 +490,21 @@ def test_train_dependency_error_comes_before_data_and_model(tmp_path, monkeypatc
     err = capsys.readouterr().err
     assert "tqdm (the progress bar)" in err and "pip install 'lorakit[quant]'" in err
     assert "pip install 'lorakit[train]'" in err
+
+
+def test_long_name_lists_match_in_time_bounded_by_the_path():
+    """targets / modules_to_save lists of up to 10,000 names (an untrusted config may carry that
+    many): every path is matched by set lookups; a regex or `endswith` per name took 0.65 s a path."""
+    from lorakit.config import matches
+
+    names = [f"nope{i}.x" for i in range(9990)]
+    paths = [f"model.layers.{i}.self_attn.q_proj" for i in range(2000)]
+    t = time.time()
+    assert all(matches(lk.LoraConfig(r=2, targets=names + ["q_proj"]), p) for p in paths[:1000])
+    cfg = lk.LoraConfig(r=2, targets=["q_proj"], modules_to_save=names + ["self_attn"])
+    assert not any(matches(cfg, p) for p in paths[1000:])  # inside a saved module: not a target
+    assert time.time() - t < 10  # 2000 paths: hours with a regex per name, ~0.2 s here
+    # PEFT's two rules, as before: a dotted suffix for targets, whole segments for modules_to_save
+    assert matches(lk.LoraConfig(r=2, targets=["attn.q_proj"]), "model.self_attn.q_proj") is False
+    assert matches(lk.LoraConfig(r=2, targets=["self_attn.q_proj"]), "model.self_attn.q_proj")
+    assert matches(lk.LoraConfig(r=2, targets=["q_proj"], modules_to_save=["attn"]), "model.self_attn.q_proj")

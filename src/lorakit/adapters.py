@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import LoraError
 from .inject import adapter_parameters
-from .layer import lora_layers, replace_module, require_adapter, require_state, require_unmerged, saved_modules, state_of
+from .layer import lora_layers, replace_module, require_adapter, require_state, saved_modules, state_of
 from .params import module_wrappers
 from .tokens import TokenLayer
 
@@ -31,7 +31,6 @@ def set_adapter(model: nn.Module, name: str | Sequence[str] | None, *, inference
         require_adapter(state, n)
     if names != state.active and state.n_merged:
         require_unmerged(model, "switch adapters")
-        require_wrappers_unmerged(model, "switch adapters")
     state.active = names
     want = set() if inference_mode else set(names)
     if state.trainable is None:  # not known: one pass over every adapter's parameters
@@ -53,12 +52,13 @@ def _params(model: nn.Module, state: Any, name: str) -> list[nn.Parameter]:
     return state.params[name]
 
 
-def require_wrappers_unmerged(model: nn.Module, doing: str) -> None:
-    """No adapter merged into parameters or token rows (layer.require_unmerged covers LoRA layers)."""
+def require_unmerged(model: nn.Module, doing: str) -> None:
+    """No adapter merged into weights, parameters or token rows (switching or mixing adapters
+    would then be wrong). state.n_merged counts every merge, so an unmerged model costs O(1)."""
     state = state_of(model)
     if state is None or not state.n_merged:
         return
-    merged = sorted({n for _, w in module_wrappers(model) for n in w.merged})
+    merged = sorted({n for _, m in [*lora_layers(model), *module_wrappers(model)] for n in m.merged})
     if merged:
         raise LoraError(f"cannot {doing} while adapters {merged} are merged: unmerge(model) first")
 
@@ -116,7 +116,6 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     """Run the plain base model inside the block (adapters stay loaded)."""
     state = require_state(model)
     require_unmerged(model, "disable adapters")
-    require_wrappers_unmerged(model, "disable adapters")
     before = state.disabled
     state.disabled = True
     try:

@@ -31,13 +31,13 @@ import torch
 from torch import Tensor, nn
 
 from . import core
+from .adapters import require_unmerged
 from .batch import RowGroups, rows
 from .config import LoraConfig
 from .errors import LoraError
 from .io import PREFIX, WEIGHTS_NAME, AdapterFiles, plan_adapter, read_adapter_files
 from .layer import (LoraLayer, ModulesToSave, adapter_dtype, copy_with, lora_layers, require_adapter, require_state,
-                    require_unmerged, save_module, state_of, wrap)
-from .patterns import match_budget
+                    save_module, state_of, wrap)
 from .variants import variant_for
 
 
@@ -143,13 +143,15 @@ class _FileSource:
         if plan.base_weights:
             raise LoraError(f"{where}: the adapter rewrites base weights (PiSSA/OLoRA residual); it cannot share a base")
         lora = {}
-        with match_budget():  # alpha_pattern keys are the file's patterns: bounded time
-            for path, (A, B) in plan.lora.items():
-                s = core.scaling(plan.alphas.get(path, config.alpha_for(path)), A.shape[0], config.rslora)
-                if not torch.isfinite(B.float() * s).all():
-                    raise LoraError(f"{where}: {path}'s scaled update overflows (alpha {config.alpha_for(path)}); "
-                                    "it would give infinite logits")
-                lora[path] = (*plan.keys[path], A.shape[0], s)
+        # slots of a float16 model hold A and s * B in float16: what exceeds its range would be inf
+        half = any(p.dtype == torch.float16 for p in model.parameters())
+        bound = torch.finfo(torch.float16 if half else torch.float32).max  # beyond: inf (NaN fails too)
+        for path, (A, B) in plan.lora.items():
+            s = core.scaling(plan.alphas[path], A.shape[0], config.rslora)
+            if not ((B.float() * s).abs() <= bound).all() or not (A.float().abs() <= bound).all():
+                raise LoraError(f"{where}: {path}'s scaled update overflows (alpha {plan.alphas[path]}); "
+                                "it would give infinite logits")
+            lora[path] = (*plan.keys[path], A.shape[0], s)
         saved = {p: {k: f"{PREFIX}{p}.{k}" for k in sd} for p, sd in plan.saved.items()}
         return _Layout(lora, saved)
 
@@ -260,7 +262,9 @@ class AdapterBank:
         """Bring `name` into a slot (evicting the least recently used if full); returns its slot."""
         return self.ensure([name])[name]
 
-    def evict(self, name: str) -> None:
+    def evict(self, name: str, shrink: bool = True) -> None:
+        """Drop `name` from its slot; shrink=False when the slot is refilled at once (ensure):
+        resizing the stacks in between would reallocate them on every load of a full bank."""
         slot = self._resident.pop(name, None)
         if slot is None:
             return
@@ -270,7 +274,8 @@ class AdapterBank:
         self._saved.pop(name, None)
         self._fingerprint.pop(name, None)
         self.evictions += 1
-        self._shrink()
+        if shrink:
+            self._shrink()
 
     def _shrink(self) -> None:
         """Size every layer's slots for the largest rank still resident there (a layer no resident
@@ -280,7 +285,7 @@ class AdapterBank:
         need = max(max(self._resident.values(), default=0) + 1, 1)
         if need <= self._n_slots // 2:  # (halving, so a bank at its capacity does not churn)
             for st in self._stacks.values():
-                freed += st.A[need:].numel() + st.Bt[need:].numel()
+                freed += st.A[need:].nbytes + st.Bt[need:].nbytes
                 st.A, st.Bt = st.A[:need].clone(), st.Bt[:need].clone()
             self._n_slots = need
         for layer in list(self._stacks):
@@ -288,13 +293,13 @@ class AdapterBank:
             need = max(st.ranks.values(), default=0)
             if need == st.rank:
                 continue
-            freed += st.A.numel() + st.Bt.numel()
+            freed += st.A.nbytes + st.Bt.nbytes
             if need == 0:
                 del self._stacks[layer]
             else:
                 st.cut(need)
-                freed -= st.A.numel() + st.Bt.numel()
-        if freed * 4 >= 1 << 20:
+                freed -= st.A.nbytes + st.Bt.nbytes
+        if freed >= 1 << 20:
             _trim_heap()
 
     def ensure(self, names: Sequence[str]) -> dict[str, int]:
@@ -306,6 +311,7 @@ class AdapterBank:
         if self.capacity is not None and len(wanted) > self.capacity:
             raise LoraError(f"the batch uses {len(wanted)} adapters but the bank holds at most {self.capacity}")
         keep = set(wanted)
+        evicted = False
         cache: list = []
 
         def tables() -> list:  # one walk of the model per call, whatever the adapter count
@@ -326,7 +332,8 @@ class AdapterBank:
             if self.capacity is not None and len(used) >= self.capacity:  # full: the least recently used goes
                 victim = next(v for v in self._resident if v not in keep)
                 slot = self._resident[victim]
-                self.evict(victim)
+                self.evict(victim, shrink=False)  # its slot is refilled below
+                evicted = True
             else:
                 slot = next(s for s in itertools.count() if s not in used)
             if slot >= self._n_slots:  # stacks hold as many slots as are in use (amortised doubling)
@@ -338,6 +345,8 @@ class AdapterBank:
             except BaseException:
                 self._resident.pop(n, None)
                 raise
+        if evicted:  # ranks the evicted adapters alone needed go now that the slots are refilled
+            self._shrink()
         return {n: self._resident[n] for n in wanted}
 
     @torch.no_grad()
@@ -353,7 +362,7 @@ class AdapterBank:
                 st.A[slot, :, :r].copy_(A.T)
             else:
                 st.A[slot, :r].copy_(A)
-            st.Bt[slot, :r].copy_(B.T.to(st.Bt.dtype) * s)
+            st.Bt[slot, :r].copy_(B.T.float() * s)  # scaled in float32, rounded once into the slot
             st.filled.add(slot)
             st.ranks[slot] = r
         self._saved[name] = {p: self._saved_copy(p, sd) for p, sd in w.saved.items()}

@@ -9,7 +9,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .errors import LoraError
-from .patterns import LAYERS_TEMPLATE, MAX_ENTRIES, MAX_PATTERN_CHARS, RANK_TEMPLATE, compile_pattern, match_pattern, short
+from .patterns import (LAYERS_TEMPLATE, MAX_ENTRIES, MAX_PATTERN_CHARS, RANK_TEMPLATE, compile_pattern,
+                       match_pattern, name_set, segment_run_match, short, suffix_match)
 
 ALL_LINEAR = "all-linear"
 BIAS_MODES = ("none", "all", "lora_only")
@@ -108,12 +109,7 @@ def _check_patterns(name: str, value: Any, allow_all_linear: bool) -> Any:
         items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else list(value)
         if not items:
             _fail(name, value, "empty list: name at least one module")
-        for item in items:
-            if not isinstance(item, str) or not item:
-                _fail(name, value, f"every entry must be a non-empty string, got {short(item)}")
-            if len(item) > MAX_PATTERN_CHARS:
-                _fail(name, value, f"an entry of {len(item):,} characters (at most {MAX_PATTERN_CHARS:,})")
-        return items
+        return _check_entries(name, value, items)
     _fail(name, value, "expected a list of module names, a regex string or 'all-linear'")
 
 
@@ -125,6 +121,11 @@ def _check_names(name: str, value: Any) -> list[str] | None:
         _fail(name, value, "expected a list of parameter names such as ['mlp.experts.gate_up_proj'] (no regex, as PEFT)")
     _check_size(name, value)
     items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else list(value)
+    return _check_entries(name, value, items)
+
+
+def _check_entries(name: str, value: Any, items: list) -> list[str]:
+    """Every entry of a list of names: a non-empty string of bounded length."""
     for item in items:
         if not isinstance(item, str) or not item:
             _fail(name, value, f"every entry must be a non-empty string, got {short(item)}")
@@ -381,9 +382,7 @@ def matches(config: LoraConfig, path: str) -> bool:
     """Whether the module at dotted `path` is a target (PEFT's check_target_module_exists)."""
     if _match_list_or_regex(config.exclude, path, "exclude"):
         return False
-    if config.modules_to_save and any(
-        re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", path) for m in config.modules_to_save
-    ):
+    if config.modules_to_save and segment_run_match(path, name_set(tuple(config.modules_to_save))):
         return False
     t = config.targets
     if isinstance(t, str):
@@ -404,4 +403,4 @@ def _match_list_or_regex(patterns: list[str] | str | None, path: str, field_name
         return False
     if isinstance(patterns, str):
         return match_pattern(field_name, patterns, patterns, path, full=True) is not None
-    return path in patterns or any(path.endswith("." + p) for p in patterns)
+    return suffix_match(path, name_set(tuple(patterns)))

@@ -170,7 +170,8 @@ def _cwd_inside(dest: Path) -> Path | None:
         return None
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (a rename, a new file) durable: what an atomic write relies on."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # pragma: no cover - platforms without directory fds
@@ -211,7 +212,7 @@ def _link_tree(src: Path, dst: Path, skip: Any = None) -> None:
             os.mkdir(target)
             _link_tree(Path(entry.path), target)
             os.chmod(target, stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode))
-            _fsync_dir(target)
+            fsync_dir(target)
         else:
             try:
                 os.link(entry.path, target, follow_symlinks=False)
@@ -236,12 +237,7 @@ def write_dir_atomic(dest: Path, writers: dict[str, Any]) -> None:
     Leftovers of killed writes are removed first.
     """
     dest = Path(os.path.realpath(dest))  # a symlinked folder: update its target, keep the link
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    _recover(dest)
-    _clean_leftovers(dest)
-    exists = os.path.lexists(dest)
-    if exists and not dest.is_dir():
-        raise LoraError(f"{dest}: exists and is not a folder")
+    exists = _prepare(dest)
     if exists and (os.path.ismount(dest) or not os.access(dest.parent, os.W_OK | os.X_OK)):
         _write_in_place(dest, writers)  # a mount point, or a parent this process may not write into
         return
@@ -273,10 +269,10 @@ def _write_in_place(dest: Path, writers: dict[str, Any]) -> None:
     try:
         for name, write in writers.items():
             _write_synced(stage / name, write)
-        _fsync_dir(stage)
+        fsync_dir(stage)
         for name in writers:
             os.replace(stage / name, dest / name)
-        _fsync_dir(dest)
+        fsync_dir(dest)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 
@@ -307,11 +303,11 @@ def _build_and_swap(dest: Path, build: Any, keep_others: set[str] | None,
         if exists and keep_others is not None:
             _link_tree(dest, tmp, lambda name: name in keep_others or _legacy_temp_of(name, keep_others))
             os.chmod(tmp, stat.S_IMODE(dest.stat().st_mode))
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if exists:
             old = _swap_in(tmp, dest)
             swapped = True
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
             shutil.rmtree(old, ignore_errors=True)
         else:
             try:
@@ -322,7 +318,7 @@ def _build_and_swap(dest: Path, build: Any, keep_others: set[str] | None,
                 shutil.rmtree(tmp, ignore_errors=True)
                 return
             swapped = True
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
     except BaseException:
         if not swapped:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -376,13 +372,20 @@ def replace_dir(dest: Path, build: Callable[[Path], Any], keep: Callable[[Path],
     dest = Path(os.path.realpath(dest))
     if keep is not None and keep(dest):
         return
+    _prepare(dest)
+    _build_and_swap(dest, build, keep_others=None, keep=keep)
+
+
+def _prepare(dest: Path) -> bool:
+    """Before a folder write: its parent made, a killed write recovered and its leftovers removed;
+    whether `dest` exists (a folder: anything else is refused)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     _recover(dest)
     _clean_leftovers(dest)
     exists = os.path.lexists(dest)
     if exists and not dest.is_dir():
         raise LoraError(f"{dest}: exists and is not a folder")
-    _build_and_swap(dest, build, keep_others=None, keep=keep)
+    return exists
 
 
 def recover(dest: Path) -> None:

@@ -87,7 +87,7 @@ def hotswap_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "d
             layer.remove(adapter)
         if path_ in plan.lora:
             A, B = plan.lora[path_]
-            layer.add(adapter, A.shape[0], plan.alphas.get(path_, config.alpha), rslora=config.rslora,
+            layer.add(adapter, A.shape[0], plan.alphas[path_], rslora=config.rslora,
                       dropout=config.dropout, init=config.init, variant=LORA, path=path_, weights=(A, B))
             for p in layer.parameters_of(adapter):
                 p.requires_grad_(False)

@@ -13,8 +13,8 @@ from .config import ALL_LINEAR, LOAD_ONLY_INITS, LoraConfig, matches
 from .errors import LoraError, TargetError
 from .layer import (LoraLayer, ModulesToSave, lora_layers, require_adapter, require_state, save_module,
                     saved_modules, state_of, walk, wrap)
-from .patterns import match_budget
 from .params import ModuleWrapper, find_parameter_targets, module_wrappers, outer_modules, wrap_params
+from .patterns import dotted_suffixes, match_budget, name_set
 from .tokens import find_token_targets, wrap_tokens
 from .variants import variant_for
 
@@ -145,8 +145,9 @@ def modules_to_save_paths(model: nn.Module, config: LoraConfig) -> list[str]:
         return []
     out: list[str] = []
     used: set[str] = set()
+    wanted = name_set(tuple(config.modules_to_save))
     for path, _ in walk(model):
-        hits = [m for m in config.modules_to_save if path == m or path.endswith("." + m)]
+        hits = [m for m in dotted_suffixes(path) if m in wanted]
         if hits:
             used.update(hits)
             if not any(path.startswith(o + ".") for o in out):

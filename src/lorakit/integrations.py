@@ -41,6 +41,7 @@ from .adapters import active_adapters, delete_adapter, get_config, list_adapters
 from .errors import LoraError
 from .inject import adapter_parameters
 from .io import CONFIG_NAME, WEIGHTS_NAME, adapter_state_dict, load_adapter, save_adapter
+from .layer import state_of
 
 TRAINING_ARGS_NAME = "training_args.bin"  # transformers' name, written beside the adapter as Trainer does
 _CHECKPOINT = re.compile(r"checkpoint-\d+")  # the Trainer's own folders: never an adapter's name here
@@ -106,6 +107,7 @@ def load_adapters(model: nn.Module, folder: str | os.PathLike) -> list[str]:
             if trains.get(n, False) == want:
                 for p in adapter_parameters(model, n):
                     p.requires_grad_(want)
+    state_of(model).trainable = None  # set by hand: the next set_adapter looks at every adapter again
     return [top] + subs
 
 

@@ -690,7 +690,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
         raise LoraError(f"adapter {adapter!r} is already loaded; pass replace=True or another name")
     plan = plan_adapter(model, config, tensors, source)
     first = state is None or not state.configs
-    if state is not None and adapter in state.configs:
+    replaced = state is not None and adapter in state.configs
+    if replaced:  # every check passed: only a failure inside _apply itself (memory) can follow
         delete_adapter(model, adapter, unwrap=False)
     state = state_of(model, create=True)
     try:
@@ -698,7 +699,9 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter: str = "defa
     except Exception as e:
         if adapter in state.configs:
             delete_adapter(model, adapter)
-        raise LoraError(f"{source}: loading failed ({e}); the model was left unchanged") from e
+        left = (f"the adapter {adapter!r} it replaced was already removed; the rest of the model is unchanged"
+                if replaced else "the model was left unchanged")
+        raise LoraError(f"{source}: loading failed ({e}); {left}") from e
     if activate or (activate is None and not state.active):
         state.active = (adapter,)
     if first:  # the base is frozen once, when its first adapter arrives (as inject() does)
@@ -723,7 +726,7 @@ def _apply(model: nn.Module, state: Any, adapter: str, config: LoraConfig, plan:
     for path, (A, B) in plan.lora.items():
         layer = wrap(model, path, state)
         fan_in_fan_out |= layer.kind.fan_in_fan_out
-        alpha = plan.alphas[path] if path in plan.alphas else config.alpha_for(path)
+        alpha = plan.alphas[path]
         layer.add(adapter, A.shape[0], alpha, rslora=config.rslora, dropout=config.dropout,
                   init=config.init, variant=variant, path=path, weights=(A, B))
         if changes_base(config.init):  # PiSSA/OLoRA re-derived the residual base; A, B come from the file

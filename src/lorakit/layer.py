@@ -8,7 +8,7 @@ what differs between layer types of its `Kind`. Which adapters apply is decided 
 assignment, whatever the number of layers or adapters.
 
 Also here, as the one home for them: the module-tree edits (`wrap`, `save_module`,
-`replace_module`) and the state guards (`require_state`, `require_adapter`, `require_unmerged`).
+`replace_module`) and the state guards (`require_state`, `require_adapter`; adapters.require_unmerged sees every wrapper).
 """
 
 from __future__ import annotations
@@ -381,16 +381,6 @@ def require_adapter(state: LoraState, name: Any) -> None:
     """An adapter the model has, or a LoraError listing those it has."""
     if name not in state.configs:
         raise LoraError(f"no adapter named {name!r}; adapters: {list(state.configs)}")
-
-
-def require_unmerged(model: nn.Module, doing: str) -> None:
-    """No adapter merged into the weights (switching or mixing adapters would then be wrong)."""
-    state = state_of(model)
-    if state is None or not state.n_merged:
-        return
-    merged = sorted({n for _, layer in lora_layers(model) for n in layer.merged})
-    if merged:
-        raise LoraError(f"cannot {doing} while adapters {merged} are merged: unmerge(model) first")
 
 
 def walk(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:

@@ -35,6 +35,8 @@ from . import core
 from .config import LoraConfig
 from .errors import LoraError, TargetError
 from .layer import LoraLayer, LoraState, ModulesToSave, adapter_dtype, replace_module, walk
+from .patterns import suffix_match
+
 
 def param_dims(module: nn.Module, pname: str) -> tuple[int, int, int, str]:
     """(E, in, out, layout) of parameter `pname` of `module`, as PEFT reads them: a 3-D parameter
@@ -282,19 +284,6 @@ def file_path(path: str, order: list[str], pname: str) -> str:
     return path + ".base_layer" * (len(order) - 1 - order.index(pname))
 
 
-def _matches(key: str, wanted: set[str]) -> bool:
-    """PEFT's rule: `key in targets or key.endswith("." + target)`, checked by looking up each
-    dotted suffix of key in a set: time linear in the key, whatever the number of targets."""
-    if key in wanted:
-        return True
-    i = key.find(".")
-    while i != -1:
-        if key[i + 1:] in wanted:
-            return True
-        i = key.find(".", i + 1)
-    return False
-
-
 def outer_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(path, module) for every module, not descending into lorakit's wrappers (a wrapper's path
     stands for the module it wraps)."""
@@ -324,14 +313,14 @@ def find_parameter_targets(model: nn.Module, config: LoraConfig) -> list[tuple[s
         return []
     found = []
     for pname in model._parameters:
-        if _matches(pname, wanted):
+        if suffix_match(pname, wanted):
             raise TargetError(f"target_parameters: {pname!r} is a parameter of the top-level module, which cannot "
                               "be wrapped (as in PEFT); target parameters of its submodules")
     for path, module in outer_modules(model):
         base = holder(module)
         for pname, p in base._parameters.items():
             key = f"{path}.{pname}"
-            if p is None or not _matches(key, wanted):
+            if p is None or not suffix_match(key, wanted):
                 continue
             if base is not module and not isinstance(module, ParamLayer):
                 raise TargetError(f"target_parameters: {key!r} belongs to a module that already carries "
@@ -384,6 +373,6 @@ def split_targets(model: nn.Module, names: list[str]) -> tuple[list[str], list[s
     modules, params = [], []
     for name in names:
         names_module = any(p == name or p.endswith("." + name) for p in paths)
-        names_param = any(_matches(k, {name}) for k in keys)
+        names_param = any(suffix_match(k, {name}) for k in keys)
         (params if names_param and not names_module else modules).append(name)
     return modules, params

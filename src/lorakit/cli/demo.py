@@ -34,7 +34,7 @@ from lorakit.cli import quiet_third_party_logs
 from lorakit.errors import LoraError
 from lorakit.files import replace_dir
 from lorakit.models import cache_dir, load_model
-from lorakit.train import datasets, generate, train
+from lorakit.train import datasets, generate, resolve_device, train
 from lorakit.train.data import load_examples
 from lorakit.train.metrics import same_answer, save_figure_atomic, smooth, write_json_atomic
 from lorakit.train.precision import DTYPES, PRECISIONS, resolve
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
     jobs = args.jobs if args.jobs is not None else (2 if cores >= 2 else 1)
     threads = args.threads or max(1, cores // max(jobs, 1))
-    chosen = resolve(args.precision, torch.device("cpu"))  # checked before any download or training
+    chosen = resolve(args.precision, resolve_device("auto"))  # where the runs train; before any loading
     print(f"lorakit demo: precision {chosen.name} ({chosen.why})", flush=True)
     if args.llm:
         llm_demo(out, threads=max(1, cores) if args.threads is None else args.threads, precision=chosen.name)
@@ -358,8 +358,6 @@ def _task_view(main: Any, num_labels: int, labels: list[str]) -> Any:
     (tiny) task head is new; the encoder is the same Python object, not a copy."""
     import copy
 
-    import torch
-
     config = copy.deepcopy(main.config)
     config.num_labels = num_labels
     config.id2label = dict(enumerate(labels))
@@ -376,7 +374,6 @@ def _task_view(main: Any, num_labels: int, labels: list[str]) -> Any:
 
 
 def predict(model: Any, tok: Any, texts: list[str], max_length: int, batch_size: int = 64) -> tuple[list[int], Any]:
-    import torch
 
     preds, logits = [], []
     with torch.no_grad():
@@ -502,7 +499,6 @@ def llm_records(records: list[dict], tok: Any) -> list[dict]:
 
 def llm_demo(out: Path, threads: int = 1, n_train: int = 160, n_test: int = 100, epochs: int = 1,
              model: str = "smollm2", precision: str = "fp32") -> dict[str, Any]:
-    import torch
 
     t0 = time.time()
     torch.set_num_threads(threads)

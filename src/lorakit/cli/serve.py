@@ -13,9 +13,10 @@ import argparse
 from lorakit.cli import demo
 from lorakit.errors import LoraError
 from lorakit.serve import Limits, allowed_hosts_for, serve
+from lorakit.train.precision import DTYPES
 
 
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # --precision's names
+DTYPE_ALIASES = DTYPES  # --precision's names for the torch dtypes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,8 +82,11 @@ def run(args: argparse.Namespace) -> int:
                  "max_pending_bytes"):
         if getattr(args, flag) < 1:
             raise LoraError(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
-    if args.request_timeout <= 0:
-        raise LoraError(f"--request-timeout must be positive, got {args.request_timeout}")
+    for flag in ("request_timeout", "header_timeout"):
+        if getattr(args, flag) <= 0:
+            raise LoraError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.wait_ms < 0:
+        raise LoraError(f"--wait-ms must be 0 or more, got {args.wait_ms}")
     hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
     for flag, env in (("api_key", "LORAKIT_API_KEY"), ("admin_key", "LORAKIT_ADMIN_KEY")):
         key = getattr(args, flag) or os.environ.get(env) or ""

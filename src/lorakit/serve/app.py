@@ -615,19 +615,23 @@ async def _generate(request: Request, g: _Gen) -> Any:
             for i, ids in enumerate(encoded)]
     engine.enqueue(reqs)
     engine.metrics["prompt_tokens"] += sum(len(e) for e in encoded) * g.n
-    offsets = await _run(request, "cpu", _offsets, engine, g.prompts, encoded) if prompt_lp else None
-    answer = _Answer(g, encoded, engine, offsets)
     try:
+        offsets = await _run(request, "cpu", _offsets, engine, g.prompts, encoded) if prompt_lp else None
+        answer = _Answer(g, encoded, engine, offsets)
         if g.stream:  # the first event before the 200: an adapter that fails to load is a real status
             first = await _watched(request, engine, reqs, deadline, s.queue.get())
-            if first[0] == "error":
-                raise first[1]
+            event, (_, payload) = first
+            if event == "error":
+                raise payload
             answer.early.append(first)
             return StreamingResponse(_sse(answer, s, engine, reqs, deadline), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         await _watched(request, engine, reqs, deadline, answer.collect(s))
     except _Gone:
         return Response(status_code=499)
+    except BaseException:  # the request failed: its other prompts' rows stop decoding too
+        engine.cancel(reqs)
+        raise
     return answer.body()
 
 

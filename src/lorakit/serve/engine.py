@@ -20,6 +20,7 @@ bytes served.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import inspect
 import itertools
@@ -177,6 +178,9 @@ class Engine:
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        # the worker's own copy: padding / truncation set the Rust tokenizer's state on every call,
+        # which under the request threads' concurrent encodes raises "Already borrowed"
+        self._batch_tok = copy.deepcopy(self.tokenizer)
         self.device = torch.device(device)
         self.base_name = base_name or str(model)
         self.bank = AdapterBank(self.model, capacity=max_resident)
@@ -650,7 +654,7 @@ class Engine:
     def _classify(self, reqs: list[ClassifyRequest]) -> None:
         texts = [t for r in reqs for t in r.texts]
         names = [r.key for r in reqs for _ in r.texts]
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context, return_tensors="pt").to(self.device)
+        enc = self._batch_tok(texts, padding=True, truncation=True, max_length=self.context, return_tensors="pt").to(self.device)
         with self.bank.rows(names):  # heads of different label counts: padded to the widest with -inf
             logits = self.model(**enc).logits.float().cpu()
         i = 0

@@ -10,7 +10,7 @@ options (`TrainConfig.from_file`).
 """
 
 from .config import TrainConfig
-from .loop import TrainResult, generate, train
+from .loop import TrainResult, generate, resolve_device, train
 from .loss import causal_lm_loss, linear_cross_entropy
 
-__all__ = ["TrainConfig", "TrainResult", "causal_lm_loss", "generate", "linear_cross_entropy", "train"]
+__all__ = ["TrainConfig", "TrainResult", "causal_lm_loss", "generate", "linear_cross_entropy", "resolve_device", "train"]

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import re
 import shutil
@@ -25,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..errors import LoraError
-from ..files import write_dir_atomic
+from ..files import fsync_dir, write_dir_atomic
 
 DIRNAME = "checkpoints"
 _STEP = re.compile(r"^step-(\d+)$")
@@ -37,17 +36,6 @@ def file_fingerprint(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def optimizer_to_flat(opt: torch.optim.Optimizer | dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -113,7 +101,7 @@ def save(out: str | Path, step: int, params: dict[str, torch.Tensor], opt: torch
     dest = root / f"step-{step:08d}"
     write_dir_atomic(dest, {"state.safetensors": lambda p: save_file(tensors, str(p)),
                                    "state.json": lambda p: p.write_text(text)})
-    _fsync_dir(root)
+    fsync_dir(root)
     for old in root.iterdir():
         m = _STEP.match(old.name)
         if (m and int(m.group(1)) < step) or old.name.startswith("."):

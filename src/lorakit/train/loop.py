@@ -120,7 +120,7 @@ class _Run:
         t0 = time.time()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.device = _device(cfg.device)
+        self.device = resolve_device(cfg.device)
         self.precision = precision.resolve(cfg.precision, self.device, full=cfg.full)  # before anything loads
         if self.dist.is_main and cfg.progress:
             print(f"lorakit train: precision {self.precision.name} ({self.precision.why})", flush=True)
@@ -211,7 +211,7 @@ class _Run:
         start = 0
         ck = dist.latest_checkpoint(lambda: checkpoint.latest(self.out)) if cfg.resume else None
         if ck is not None:
-            start, hist = self._restore(ck, opt, sched, fingerprint)
+            start, hist = self._restore(ck, opt, sched, fingerprint, scaler)
         elif cfg.resume and dist.is_main:
             print(f"lorakit train: no checkpoint in {self.out / checkpoint.DIRNAME}; starting from step 0", flush=True)
         if ck is None and dist.is_main:
@@ -278,7 +278,8 @@ class _Run:
                                 train_time_s=hist["train_time_s"] + time.time() - seg_start)
                 if dist.is_main:
                     checkpoint.save(self.out, step + 1, params, opt_state, sched,
-                                    {"fingerprint": fingerprint, "history": hist_now})
+                                    {"fingerprint": fingerprint, "history": hist_now,
+                                     "scaler": scaler.state_dict() if scaler is not None else None})
         bar.close()
         train_s = time.time() - seg_start
         hist["tokens"] += seg_tokens
@@ -287,7 +288,7 @@ class _Run:
         result = self._finish(hist, total, bpe, start, t0, peak, rss_before, memory_method, train_s, seg_tokens)
         return result
 
-    def _restore(self, ck: Path, opt, sched, fingerprint: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    def _restore(self, ck: Path, opt, sched, fingerprint: dict[str, Any], scaler=None) -> tuple[int, dict[str, Any]]:
         tensors, meta = self.dist.load_checkpoint(checkpoint.load, ck)
         old = meta.get("fingerprint", {})
         if old.get("options") != fingerprint["options"]:
@@ -308,6 +309,8 @@ class _Run:
                 p.copy_(tensors[f"param/{k}"])
         checkpoint.optimizer_from_flat(opt, tensors, meta["optimizer"])
         sched.load_state_dict(meta["scheduler"])
+        if scaler is not None and meta.get("scaler"):  # fp16: the loss scale it had reached, not a fresh 65536
+            scaler.load_state_dict(meta["scaler"])
         checkpoint.set_rng_state(tensors, meta["rng"])
         hist = meta["history"]
         hist["resumed_from"].append(meta["step"])
@@ -410,7 +413,8 @@ class _Run:
         return sum(f.stat().st_size for f in dest.glob("*.safetensors"))
 
 
-def _device(name: str) -> torch.device:
+def resolve_device(name: str) -> torch.device:
+    """--device: "auto" is CUDA when present, else the CPU; a LoraError for one this machine lacks."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -58,7 +58,10 @@ def bf16_hardware(device: torch.device) -> tuple[bool, str]:
     if device.type == "cuda":
         if not torch.cuda.is_available():
             return False, "this machine (no CUDA)"
-        return torch.cuda.is_bf16_supported(), torch.cuda.get_device_name(device)
+        # not torch.cuda.is_bf16_supported(): it says True for GPUs that only emulate bf16 (T4, V100)
+        # and asks the current device, not this one
+        return torch.version.hip is not None or torch.cuda.get_device_capability(device)[0] >= 8, \
+            torch.cuda.get_device_name(device)
     feature = cpu_bf16()
     return feature is not None, f"this CPU ({feature or 'no AMX-BF16, AVX512-BF16 or Arm BF16'})"
 
